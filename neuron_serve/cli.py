@@ -1,0 +1,80 @@
+"""The `neuron-serve` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from neuron_serve import __version__
+
+
+def _add_generate(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate", help="generate text from a prompt on the CPU, streaming to the terminal"
+    )
+    p.add_argument(
+        "--model", default="default", help="'default', 'tiny', a HF directory, a .gguf file or s3://…"
+    )
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from neuron_serve.generate import GenerationStats, encode_prompt, generate, stop_ids
+    from neuron_serve.runner import EagerRunner, default_buckets
+    from neuron_serve.sampler import SamplingParams
+    from neuron_serve.weights import build_model, load_model_files
+
+    loaded = load_model_files(args.model, args.dtype)
+    model = build_model(loaded, args.max_seq_len)
+    buckets = default_buckets(args.max_seq_len)
+    runner = EagerRunner(model, batch_size=1, context_buckets=buckets, token_buckets=buckets)
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    params.validate(loaded.config.vocab_size)
+    prompt_ids = encode_prompt(loaded.tokenizer, args.prompt, args.chat)
+    stats = GenerationStats()
+    eos = stop_ids(loaded.tokenizer, loaded.config.eos_token_ids)
+    for piece in generate(runner, loaded.tokenizer, prompt_ids, params, eos, stats):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    print(
+        f"\n[{stats.prompt_tokens} prompt tokens, {stats.output_tokens} generated; first token "
+        f"{stats.first_token_s * 1000:.0f} ms; decode {stats.decode_tokens_per_s:.1f} tokens/s]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neuron-serve", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"neuron-serve {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_generate(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"neuron-serve: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
