@@ -6,15 +6,13 @@ import argparse
 import sys
 
 from neuron_serve import __version__
+from neuron_serve.bench.cli import add_bench_parser
+from neuron_serve.recipe_cli import add_recipe_parser
 
 
 def _add_generate(subparsers) -> None:
-    p = subparsers.add_parser(
-        "generate", help="generate text from a prompt on the CPU, streaming to the terminal"
-    )
-    p.add_argument(
-        "--model", default="default", help="'default', 'tiny', a HF directory, a .gguf file or s3://…"
-    )
+    p = subparsers.add_parser("generate", help="generate text from a prompt on the CPU, streaming to the terminal")
+    p.add_argument("--model", default="default", help="'default', 'tiny', a HF directory, a .gguf file or s3://…")
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-tokens", type=int, default=128)
@@ -59,11 +57,34 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_compile(subparsers) -> None:
+    p = subparsers.add_parser("compile", help="compile a recipe into an artifact directory (cached)")
+    p.add_argument("recipe", help="a recipe TOML, e.g. compile/smollm2-135m-cpu.toml")
+    p.add_argument("--out", help="artifact directory (default: artifacts/<recipe name>)")
+    p.set_defaults(func=_run_compile)
+
+
+def _run_compile(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from neuron_serve.compiler import compile_recipe, summary_table
+    from neuron_serve.recipe import load_recipe
+
+    console = Console(stderr=True)
+    result = compile_recipe(load_recipe(args.recipe), args.out, console)
+    console.print(summary_table(result))
+    print(result.out_dir)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neuron-serve", description=__doc__)
     parser.add_argument("--version", action="version", version=f"neuron-serve {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_generate(subparsers)
+    _add_compile(subparsers)
+    add_recipe_parser(subparsers)
+    add_bench_parser(subparsers)
     return parser
 
 

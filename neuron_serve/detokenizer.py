@@ -37,9 +37,7 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """At the end: whatever is left (a trailing incomplete character decodes as U+FFFD)."""
-        rest = (
-            self._decode(self.token_ids)[len(self.text) :] if self.read_offset < len(self.token_ids) else ""
-        )
+        rest = self._decode(self.token_ids)[len(self.text) :] if self.read_offset < len(self.token_ids) else ""
         self.text += rest
         self.read_offset = len(self.token_ids)
         return rest

@@ -28,12 +28,8 @@ class GenerationStats:
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, chat: bool) -> list[int]:
     if chat:
-        encoded = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True
-        )
-        return list(
-            encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
-        )
+        encoded = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        return list(encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded)
     return tokenizer.encode(text, add_special_tokens=False)
 
 

@@ -88,9 +88,7 @@ def unpermute_rows(weight: np.ndarray, heads: int) -> np.ndarray:
     """Inverse of llama.cpp's convert_hf_to_gguf `permute`, which interleaves the two rotary halves
     of each head's rows (GGML's RoPE is interleaved, Hugging Face's is split into halves)."""
     rows = weight.shape[0]
-    return (
-        weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-    )
+    return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 def _tensor_name(gguf_name: str) -> str | None:

@@ -1,8 +1,10 @@
 """The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM) with static shapes and a static KV cache.
 
-One implementation serves every backend. Every forward takes the KV cache as an argument of shape
-``[layers, slots, kv_heads, max_seq_len, head_dim]`` and writes into it in place, so that a traced graph
-per bucket can share one cache and one copy of the weights. q/k/v/o and gate/up/down stay separate
+One implementation serves every backend. The KV cache, ``[layers, slots, kv_heads, max_seq_len,
+head_dim]``, is an argument that the forwards only read; each returns the keys and values it made and
+the caller stores them (`store_prompt_kv`, `store_decode_kv`). Graphs traced from these forwards are
+pure functions: one cache and one copy of the weights serve every bucket's graph, and no compiler
+has to turn an in-place write into a copy of the whole cache. q/k/v/o and gate/up/down stay separate
 linear layers: the tensor-parallel split shards them column- or row-wise (see ``sharding.py``).
 """
 
@@ -24,8 +26,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
 
 
@@ -50,25 +51,42 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor):
-        """q [B, T, heads, hd]; keys/values [B, kv_heads, Lk, hd]; mask [B, T, Lk] (True = visible).
-
-        The query heads that share a KV head are folded into the query length, so GQA never copies
-        the cache (repeat_interleave would read it `group` times).
-        """
+    def attend_prompt(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor):
+        """q [1, T, heads, hd]; keys/values [1, kv_heads, Lk, hd]; mask from `prompt_mask`. The
+        query heads that share a KV head are folded into the query length, so GQA never copies the
+        keys (repeat_interleave would read them `group` times)."""
         b, t, _, hd = q.shape
         group = self.n_heads // self.n_kv_heads
-        q = (
-            q.view(b, t, self.n_kv_heads, group, hd)
-            .permute(0, 2, 3, 1, 4)
-            .reshape(b, self.n_kv_heads, group * t, hd)
-        )
-        mask = (
-            mask.unsqueeze(1).unsqueeze(1).expand(b, 1, group, t, mask.shape[-1]).reshape(b, 1, group * t, -1)
-        )
+        q = q.view(b, t, self.n_kv_heads, group, hd).permute(0, 2, 3, 1, 4).reshape(b, self.n_kv_heads, group * t, hd)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         out = out.view(b, self.n_kv_heads, group, t, hd).permute(0, 3, 1, 2, 4).reshape(b, t, -1)
         return self.tp.all_reduce(self.o_proj(out))
+
+    def attend_decode(self, q, k, v, k_cache: torch.Tensor, v_cache: torch.Tensor, bias: torch.Tensor):
+        """One query per slot. q [S, 1, heads, hd]; k/v [S, 1, kv_heads, hd] (this step's, not yet
+        in the cache); k_cache/v_cache [S, kv_heads, Lk, hd]; bias from `decode_bias` hides the cache
+        positions at or after each slot's own. The cache is only read: the caller writes k/v."""
+        s, _, _, hd = q.shape
+        q = q.view(s, self.n_kv_heads, -1, hd)
+        scale = hd**-0.5
+        cached = torch.matmul(q, k_cache.transpose(-1, -2)) * scale + bias
+        own = (q * k.view(s, self.n_kv_heads, 1, hd)).sum(-1, keepdim=True) * scale
+        probs = torch.softmax(torch.cat([cached, own], dim=-1).float(), dim=-1).to(q.dtype)
+        lk = k_cache.shape[2]
+        out = torch.matmul(probs[..., :lk], v_cache) + probs[..., lk:] * v.view(s, self.n_kv_heads, 1, hd)
+        return self.tp.all_reduce(self.o_proj(out.reshape(s, 1, -1)))
+
+
+def prompt_mask(visible: torch.Tensor, group: int) -> torch.Tensor:
+    """visible [T, Lk] (True = key visible to query) -> SDPA mask [1, 1, group*T, Lk] for folded heads."""
+    return visible.repeat(group, 1).unsqueeze(0).unsqueeze(0)
+
+
+def decode_bias(positions: torch.Tensor, kv_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [S, 1, 1, kv_len]: 0 for cache positions before each slot's position, -inf from it on."""
+    key_pos = torch.arange(kv_len, device=positions.device)
+    hidden = key_pos.unsqueeze(0) >= positions.unsqueeze(1)
+    return torch.zeros(hidden.shape, dtype=dtype).masked_fill(hidden, float("-inf")).view(-1, 1, 1, kv_len)
 
 
 class MLP(nn.Module):
@@ -109,6 +127,7 @@ class LlamaModel(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.group = config.num_attention_heads // config.num_key_value_heads
         cos, sin = rope_tables(config, max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -119,74 +138,77 @@ class LlamaModel(nn.Module):
         dtype = dtype or self.embed_tokens.weight.dtype
         return torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
 
-    def _run_layers(self, x, positions, write, read, mask):
-        """Shared body: `write(layer, k, v)` stores new keys/values, `read(layer, k, v)` returns what
-        attention sees (the cache, or the fresh keys for a prefill from position 0)."""
+    def _run_layers(self, x: torch.Tensor, positions: torch.Tensor, attend):
+        """The shared body. `attend(i, attention, q, k, v)` returns layer i's attention output.
+        Returns the final hidden states and this call's keys and values, stacked over layers
+        ([layers, B, T, kv_heads, hd]), for the caller to store in the cache."""
         cos = self.rope_cos[positions].to(x.dtype)
         sin = self.rope_sin[positions].to(x.dtype)
+        new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            q, k, v = attn.project(layer.input_layernorm(x), cos, sin)
-            write(i, k, v)
-            keys, values = read(i, k, v)
-            x = x + attn.attend(q, keys, values, mask)
+            q, k, v = layer.self_attn.project(layer.input_layernorm(x), cos, sin)
+            new_keys.append(k)
+            new_values.append(v)
+            x = x + attend(i, layer.self_attn, q, k, v)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.norm(x)
+        return self.norm(x), torch.stack(new_keys), torch.stack(new_values)
 
-    def prefill(self, tokens, slot, last_index, k_cache, v_cache) -> torch.Tensor:
-        """A prompt from position 0. tokens [1, T] (padded at the end), slot [1], last_index [1]:
-        the position of the last real token. Returns its logits [1, vocab]."""
+    def prefill(self, tokens: torch.Tensor, last_index: torch.Tensor):
+        """A prompt from position 0: tokens [1, T] (padded at the end), last_index [1] the position of
+        the last real token. Reads no cache. Returns (logits [1, vocab], keys, values [layers, 1, T,
+        kv_heads, hd])."""
         t = tokens.shape[1]
         positions = torch.arange(t, device=tokens.device).unsqueeze(0)
+        mask = prompt_mask(torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril(), self.group)
 
-        def write(i, k, v):
-            k_cache[i, slot, :, :t] = k.transpose(1, 2)
-            v_cache[i, slot, :, :t] = v.transpose(1, 2)
+        def attend(i, attention, q, k, v):
+            return attention.attend_prompt(q, k.transpose(1, 2), v.transpose(1, 2), mask)
 
-        def read(i, k, v):
-            return k.transpose(1, 2), v.transpose(1, 2)
+        hidden, keys, values = self._run_layers(self.embed_tokens(tokens), positions, attend)
+        return self.lm_head(hidden[:, last_index[0]]), keys, values
 
-        mask = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril().unsqueeze(0)
-        hidden = self._run_layers(self.embed_tokens(tokens), positions, write, read, mask)
-        return self.lm_head(hidden[:, last_index[0]])
-
-    def prefill_chunk(self, tokens, slot, start, last_index, k_cache, v_cache) -> torch.Tensor:
-        """A chunk of a long prompt at positions start..start+T-1 of a slot that already holds
-        `start` tokens; it attends over the whole cache row, masked causally."""
+    def prefill_chunk(self, tokens, start, last_index, k_row: torch.Tensor, v_row: torch.Tensor):
+        """A chunk of a long prompt at positions start..start+T-1 of a slot whose cache row
+        (k_row/v_row [layers, kv_heads, max_seq_len, hd]) holds the first `start` tokens. Returns
+        what `prefill` returns."""
         t = tokens.shape[1]
-        positions = (
-            (start + torch.arange(t, device=tokens.device)).clamp(max=self.max_seq_len - 1).unsqueeze(0)
-        )
+        offsets = torch.arange(t, device=tokens.device)
+        positions = (start + offsets).clamp(max=self.max_seq_len - 1).unsqueeze(0)
+        cached = torch.arange(self.max_seq_len, device=tokens.device).unsqueeze(0) < start
+        visible = torch.cat([cached.expand(t, -1), offsets.unsqueeze(0) <= offsets.unsqueeze(1)], dim=1)
+        mask = prompt_mask(visible, self.group)
 
-        slots = slot.expand(t)  # one index per token: advanced indexing, never a select view
+        def attend(i, attention, q, k, v):
+            keys = torch.cat([k_row[i].unsqueeze(0), k.transpose(1, 2)], dim=2)
+            values = torch.cat([v_row[i].unsqueeze(0), v.transpose(1, 2)], dim=2)
+            return attention.attend_prompt(q, keys, values, mask)
 
-        def write(i, k, v):
-            k_cache[i, slots, :, positions[0]] = k[0]
-            v_cache[i, slots, :, positions[0]] = v[0]
+        hidden, keys, values = self._run_layers(self.embed_tokens(tokens), positions, attend)
+        return self.lm_head(hidden[:, last_index[0]]), keys, values
 
-        def read(i, k, v):
-            return k_cache[i, slot], v_cache[i, slot]
+    def decode(self, tokens, positions, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: int):
+        """One token for every slot: tokens [S], positions [S] (each slot's own). Attention reads the
+        first `kv_len` positions of the cache (the token-generation bucket) and this step's own key.
+        Returns (logits [S, vocab], keys, values [layers, S, 1, kv_heads, hd])."""
+        bias = decode_bias(positions, kv_len, self.embed_tokens.weight.dtype)
 
-        key_pos = torch.arange(self.max_seq_len, device=tokens.device)
-        mask = (key_pos.unsqueeze(0) <= positions[0].unsqueeze(1)).unsqueeze(0)
-        hidden = self._run_layers(self.embed_tokens(tokens), positions, write, read, mask)
-        return self.lm_head(hidden[:, last_index[0]])
+        def attend(i, attention, q, k, v):
+            return attention.attend_decode(q, k, v, k_cache[i, :, :, :kv_len], v_cache[i, :, :, :kv_len], bias)
 
-    def decode(self, tokens, positions, k_cache, v_cache, kv_len: int) -> torch.Tensor:
-        """One token for every slot. tokens [S], positions [S] (each slot's own); attention reads the
-        first `kv_len` cache positions (the token-generation bucket). Returns logits [S, vocab]."""
-        slots = torch.arange(tokens.shape[0], device=tokens.device)
+        hidden, keys, values = self._run_layers(self.embed_tokens(tokens).unsqueeze(1), positions.unsqueeze(1), attend)
+        return self.lm_head(hidden[:, 0]), keys, values
 
-        def write(i, k, v):
-            k_cache[i, slots, :, positions] = k[:, 0]
-            v_cache[i, slots, :, positions] = v[:, 0]
 
-        def read(i, k, v):
-            return k_cache[i, :, :, :kv_len], v_cache[i, :, :, :kv_len]
+def store_prompt_kv(k_cache, v_cache, slot: int, start: int, keys, values, count: int) -> None:
+    """Store the first `count` positions of a prefill's keys/values ([layers, 1, T, kv_heads, hd])
+    into `slot` from position `start` on."""
+    k_cache[:, slot, :, start : start + count] = keys[:, 0, :count].transpose(1, 2)
+    v_cache[:, slot, :, start : start + count] = values[:, 0, :count].transpose(1, 2)
 
-        key_pos = torch.arange(kv_len, device=tokens.device)
-        mask = (key_pos.unsqueeze(0) <= positions.unsqueeze(1)).unsqueeze(1)
-        hidden = self._run_layers(
-            self.embed_tokens(tokens).unsqueeze(1), positions.unsqueeze(1), write, read, mask
-        )
-        return self.lm_head(hidden[:, 0])
+
+def store_decode_kv(k_cache, v_cache, positions: torch.Tensor, keys, values) -> None:
+    """Store one decode step's keys/values ([layers, S, 1, kv_heads, hd]), each slot at its position."""
+    slots = torch.arange(positions.shape[0])
+    # Advanced indices split by a slice put their dimension first: the target is [S, layers, kv, hd].
+    k_cache[:, slots, :, positions] = keys[:, :, 0].transpose(0, 1)
+    v_cache[:, slots, :, positions] = values[:, :, 0].transpose(0, 1)

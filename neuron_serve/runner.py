@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from neuron_serve.model import LlamaModel
+from neuron_serve.model import LlamaModel, store_decode_kv, store_prompt_kv
 
 
 @dataclass
@@ -29,9 +29,7 @@ class BucketUsage:
 
 
 class Runner:
-    def __init__(
-        self, batch_size: int, max_seq_len: int, context_buckets: list[int], token_buckets: list[int]
-    ):
+    def __init__(self, batch_size: int, max_seq_len: int, context_buckets: list[int], token_buckets: list[int]):
         self.batch_size = batch_size
         self.max_seq_len = max_seq_len
         self.context_buckets = sorted(context_buckets)
@@ -39,38 +37,39 @@ class Runner:
         self.usage = BucketUsage()
 
     # Graph calls, one per kind; subclasses implement them.
-    def run_prefill(self, bucket: int, tokens, slot, last_index) -> torch.Tensor:
+    # Graph calls, one per kind, each returning (logits, keys, values) as the model's forwards do.
+    def run_prefill(self, bucket: int, tokens, last_index):
         raise NotImplementedError
 
-    def run_prefill_chunk(self, tokens, slot, start, last_index) -> torch.Tensor:
+    def run_prefill_chunk(self, tokens, start, last_index, slot: int):
         raise NotImplementedError
 
-    def run_decode(self, kv_len: int, tokens, positions) -> torch.Tensor:
+    def run_decode(self, kv_len: int, tokens, positions):
         raise NotImplementedError
+
+    def store_prompt(self, slot: int, start: int, keys, values, count: int) -> None:
+        store_prompt_kv(self.k_cache, self.v_cache, slot, start, keys, values, count)
+
+    def store_decode(self, positions, keys, values) -> None:
+        store_decode_kv(self.k_cache, self.v_cache, positions, keys, values)
 
     def prefill(self, prompt: list[int], slot: int) -> torch.Tensor:
         """Fill `slot` with the prompt; returns the logits [vocab] after its last token. A prompt
         longer than the largest context bucket goes through it in chunks."""
         if not 0 < len(prompt) < self.max_seq_len:
             raise ValueError(f"prompt of {len(prompt)} tokens: must be 1 to {self.max_seq_len - 1} tokens")
-        slot_t = torch.tensor([slot])
         largest = self.context_buckets[-1]
-        if len(prompt) <= largest:
-            bucket = self.context_buckets[bisect.bisect_left(self.context_buckets, len(prompt))]
-            self.usage.add(f"prefill_{bucket}", len(prompt), bucket)
-            return self.run_prefill(bucket, _padded(prompt, bucket), slot_t, torch.tensor([len(prompt) - 1]))[
-                0
-            ]
-        logits = self.run_prefill(
-            largest, _padded(prompt[:largest], largest), slot_t, torch.tensor([largest - 1])
-        )
-        self.usage.add(f"prefill_{largest}", largest, largest)
+        first = prompt[:largest]
+        bucket = self.context_buckets[bisect.bisect_left(self.context_buckets, len(first))]
+        self.usage.add(f"prefill_{bucket}", len(first), bucket)
+        logits, keys, values = self.run_prefill(bucket, _padded(first, bucket), torch.tensor([len(first) - 1]))
+        self.store_prompt(slot, 0, keys, values, len(first))
         for start in range(largest, len(prompt), largest):
             chunk = prompt[start : start + largest]
             self.usage.add("prefill_chunk", len(chunk), largest)
-            logits = self.run_prefill_chunk(
-                _padded(chunk, largest), slot_t, torch.tensor([start]), torch.tensor([len(chunk) - 1])
-            )
+            last = torch.tensor([len(chunk) - 1])
+            logits, keys, values = self.run_prefill_chunk(_padded(chunk, largest), torch.tensor([start]), last, slot)
+            self.store_prompt(slot, start, keys, values, len(chunk))
         return logits[0]
 
     def decode(self, tokens: list[int], positions: list[int], active: int | None = None) -> torch.Tensor:
@@ -80,7 +79,10 @@ class Runner:
         kv_len = self.token_buckets[bisect.bisect_left(self.token_buckets, longest)]
         busy = len(tokens) if active is None else active
         self.usage.add(f"decode_{kv_len}", busy, self.batch_size)
-        return self.run_decode(kv_len, torch.tensor(tokens), torch.tensor(positions))
+        positions_t = torch.tensor(positions)
+        logits, keys, values = self.run_decode(kv_len, torch.tensor(tokens), positions_t)
+        self.store_decode(positions_t, keys, values)
+        return logits
 
 
 def _padded(tokens: list[int], length: int) -> torch.Tensor:
@@ -92,20 +94,18 @@ def _padded(tokens: list[int], length: int) -> torch.Tensor:
 class EagerRunner(Runner):
     """The PyTorch model called directly (no tracing)."""
 
-    def __init__(
-        self, model: LlamaModel, batch_size: int, context_buckets: list[int], token_buckets: list[int]
-    ):
+    def __init__(self, model: LlamaModel, batch_size: int, context_buckets: list[int], token_buckets: list[int]):
         super().__init__(batch_size, model.max_seq_len, context_buckets, token_buckets)
         self.model = model
         self.k_cache, self.v_cache = model.new_kv_cache(batch_size)
 
     @torch.inference_mode()
-    def run_prefill(self, bucket, tokens, slot, last_index):
-        return self.model.prefill(tokens, slot, last_index, self.k_cache, self.v_cache)
+    def run_prefill(self, bucket, tokens, last_index):
+        return self.model.prefill(tokens, last_index)
 
     @torch.inference_mode()
-    def run_prefill_chunk(self, tokens, slot, start, last_index):
-        return self.model.prefill_chunk(tokens, slot, start, last_index, self.k_cache, self.v_cache)
+    def run_prefill_chunk(self, tokens, start, last_index, slot):
+        return self.model.prefill_chunk(tokens, start, last_index, self.k_cache[:, slot], self.v_cache[:, slot])
 
     @torch.inference_mode()
     def run_decode(self, kv_len, tokens, positions):

@@ -60,9 +60,7 @@ def new_generator(seed: int | None) -> torch.Generator:
     return generator
 
 
-def apply_penalties(
-    logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int], output_ids: list[int]
-):
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int], output_ids: list[int]):
     """In place on one row. Repetition penalty as in Hugging Face/vLLM (over prompt and output);
     presence and frequency penalties as in OpenAI's API (over the output only)."""
     if params.repetition_penalty != 1.0:

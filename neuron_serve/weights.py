@@ -80,9 +80,7 @@ def check_complete(config: ModelConfig, state_dict: dict[str, torch.Tensor]) -> 
     missing = [name for name in expected_parameters(config) if name not in state_dict]
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        raise MissingWeightsError(
-            f"checkpoint is missing {len(missing)} tensor(s) for {config.architecture}: {shown}"
-        )
+        raise MissingWeightsError(f"checkpoint is missing {len(missing)} tensor(s) for {config.architecture}: {shown}")
 
 
 def build_model(loaded: LoadedModel, max_seq_len: int) -> LlamaModel:

@@ -38,3 +38,29 @@ def default_loaded():
     from neuron_serve.weights import load_model_files
 
     return load_model_files("default")
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_recipe(**changes):
+    """compile/tiny-cpu.toml with `section.field=value` changes, e.g. tiny_recipe(**{"shapes.batch_size": 2})."""
+    import dataclasses
+
+    from neuron_serve.recipe import load_recipe
+
+    recipe = load_recipe(REPO / "compile" / "tiny-cpu.toml")
+    for dotted, value in changes.items():
+        section, name = dotted.split(".")
+        recipe = dataclasses.replace(
+            recipe, **{section: dataclasses.replace(getattr(recipe, section), **{name: value})}
+        )
+    return recipe
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory, tiny_dir) -> Path:
+    """The tiny recipe compiled once per session (AOT graphs for every bucket)."""
+    from neuron_serve.compiler import compile_recipe
+
+    return compile_recipe(tiny_recipe(), tmp_path_factory.mktemp("artifacts") / "tiny-cpu").out_dir

@@ -25,14 +25,10 @@ NAMES = {
 
 def permute(weight: np.ndarray, heads: int) -> np.ndarray:
     rows = weight.shape[0]
-    return (
-        weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-    )
+    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def export_gguf(
-    model_dir: Path, out: Path, quantization: GGMLQuantizationType = GGMLQuantizationType.F32
-) -> Path:
+def export_gguf(model_dir: Path, out: Path, quantization: GGMLQuantizationType = GGMLQuantizationType.F32) -> Path:
     config = json.loads((model_dir / "config.json").read_text())
     writer = GGUFWriter(out, "llama")
     writer.add_block_count(config["num_hidden_layers"])

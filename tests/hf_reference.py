@@ -29,14 +29,10 @@ def hf_model(config: ModelConfig, state_dict: dict[str, torch.Tensor]):
     )
     hf_config._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-    renamed = {
-        ("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v for k, v in state_dict.items()
-    }
+    renamed = {("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v for k, v in state_dict.items()}
     missing, unexpected = model.load_state_dict(renamed, strict=False)
     assert not unexpected, unexpected
-    assert all("rotary" in m or (m == "lm_head.weight" and config.tie_word_embeddings) for m in missing), (
-        missing
-    )
+    assert all("rotary" in m or (m == "lm_head.weight" and config.tie_word_embeddings) for m in missing), missing
     return model.eval()
 
 

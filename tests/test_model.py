@@ -6,6 +6,7 @@ import pytest
 import torch
 from hf_reference import hf_logits, hf_model
 
+from neuron_serve.runner import EagerRunner
 from neuron_serve.tiny import write_tiny_model
 from neuron_serve.weights import build_model, load_model_files
 
@@ -30,18 +31,12 @@ VARIANTS = {
 
 def prefill_then_decode(model, ids: list[int], prompt_len: int, bucket: int, slot: int, slots: int = 3):
     """Our logits for positions prompt_len-1 .. len(ids)-1: one prefill, then decode steps."""
-    k_cache, v_cache = model.new_kv_cache(slots)
-    tokens = torch.zeros(1, bucket, dtype=torch.long)
-    tokens[0, :prompt_len] = torch.tensor(ids[:prompt_len])
-    with torch.no_grad():
-        rows = [
-            model.prefill(tokens, torch.tensor([slot]), torch.tensor([prompt_len - 1]), k_cache, v_cache)[0]
-        ]
-        for position in range(prompt_len, len(ids)):
-            step_tokens = torch.zeros(slots, dtype=torch.long)
-            step_positions = torch.zeros(slots, dtype=torch.long)
-            step_tokens[slot], step_positions[slot] = ids[position], position
-            rows.append(model.decode(step_tokens, step_positions, k_cache, v_cache, model.max_seq_len)[slot])
+    runner = EagerRunner(model, slots, context_buckets=[bucket], token_buckets=[model.max_seq_len])
+    rows = [runner.prefill(ids[:prompt_len], slot)]
+    for position in range(prompt_len, len(ids)):
+        tokens, positions = [0] * slots, [0] * slots
+        tokens[slot], positions[slot] = ids[position], position
+        rows.append(runner.decode(tokens, positions)[slot])
     return torch.stack(rows)
 
 
@@ -54,9 +49,7 @@ def test_tiny_variants_match_transformers(variant, tmp_path):
 
 
 def test_default_model_matches_transformers(default_loaded):
-    ids = default_loaded.tokenizer.encode(
-        "The history of the Roman Empire begins with", add_special_tokens=False
-    )
+    ids = default_loaded.tokenizer.encode("The history of the Roman Empire begins with", add_special_tokens=False)
     ids = ids + [279, 1345, 282, 260]  # a few decode steps through the KV cache
     reference = hf_logits(hf_model(default_loaded.config, default_loaded.state_dict), ids)
     prompt_len = len(ids) - 4
@@ -68,38 +61,23 @@ def test_decode_slots_at_different_positions_match_each_alone(tiny_loaded):
     """Each slot's logits in a mixed batch equal those of its sequence run alone."""
     model = build_model(tiny_loaded, 64)
     sequences = [list(range(5, 5 + n)) for n in (7, 19, 3, 12)]
-    k_cache, v_cache = model.new_kv_cache(len(sequences))
-    with torch.no_grad():
-        for slot, seq in enumerate(sequences):
-            tokens = torch.zeros(1, 32, dtype=torch.long)
-            tokens[0, : len(seq) - 1] = torch.tensor(seq[:-1])
-            model.prefill(tokens, torch.tensor([slot]), torch.tensor([len(seq) - 2]), k_cache, v_cache)
-        last_tokens = torch.tensor([seq[-1] for seq in sequences])
-        positions = torch.tensor([len(seq) - 1 for seq in sequences])
-        batched = model.decode(last_tokens, positions, k_cache, v_cache, 32)
+    runner = EagerRunner(model, len(sequences), context_buckets=[32], token_buckets=[32, 64])
+    for slot, seq in enumerate(sequences):
+        runner.prefill(seq[:-1], slot)
+    batched = runner.decode([seq[-1] for seq in sequences], [len(seq) - 1 for seq in sequences])
     for slot, seq in enumerate(sequences):
         alone = prefill_then_decode(model, seq, len(seq) - 1, bucket=32, slot=0, slots=1)[-1]
         assert (batched[slot] - alone).abs().max() < 1e-5, f"slot {slot} differs when batched"
 
 
 def test_chunked_prefill_matches_unchunked(tiny_loaded):
+    """A prompt longer than the largest context bucket goes through it in chunks: same logits, and
+    the cache it leaves gives the same next decode step."""
     model = build_model(tiny_loaded, 64)
     ids = [(i * 7) % 300 + 3 for i in range(45)]
-    whole = prefill_then_decode(model, ids, prompt_len=45, bucket=64, slot=0)[0]
-    k_cache, v_cache = model.new_kv_cache(2)
-    with torch.no_grad():
-        first = torch.tensor([ids[:16]])
-        model.prefill(first, torch.tensor([1]), torch.tensor([15]), k_cache, v_cache)
-        for start in (16, 32):
-            chunk = torch.zeros(1, 16, dtype=torch.long)
-            part = ids[start : start + 16]
-            chunk[0, : len(part)] = torch.tensor(part)
-            logits = model.prefill_chunk(
-                chunk,
-                torch.tensor([1]),
-                torch.tensor([start]),
-                torch.tensor([len(part) - 1]),
-                k_cache,
-                v_cache,
-            )
-    assert (logits[0] - whole).abs().max() < 1e-4
+    whole = EagerRunner(model, 2, context_buckets=[64], token_buckets=[64])
+    chunked = EagerRunner(model, 2, context_buckets=[8, 16], token_buckets=[64])
+    assert (chunked.prefill(ids, slot=1) - whole.prefill(ids, slot=1)).abs().max() < 1e-4
+    assert chunked.usage.real["prefill_chunk"] == 45 - 16, "the rest went through the chunk graph"
+    step = ([0, 17], [0, 45])
+    assert (chunked.decode(*step)[1] - whole.decode(*step)[1]).abs().max() < 1e-4

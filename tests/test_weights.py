@@ -12,17 +12,15 @@ from gguf_export import export_gguf
 
 from neuron_serve import sources
 from neuron_serve.config import UnsupportedModelError
+from neuron_serve.runner import EagerRunner
 from neuron_serve.weights import MissingWeightsError, build_model, load_model_files
 
 TEXT = "Paris is the capital of France. Grüße 🙂"
 
 
 def last_logits(loaded, ids):
-    model = build_model(loaded, 64)
-    k_cache, v_cache = model.new_kv_cache(1)
-    tokens = torch.tensor([ids])
-    with torch.no_grad():
-        return model.prefill(tokens, torch.tensor([0]), torch.tensor([len(ids) - 1]), k_cache, v_cache)[0]
+    runner = EagerRunner(build_model(loaded, 64), 1, context_buckets=[32], token_buckets=[64])
+    return runner.prefill(ids, slot=0)
 
 
 def test_gguf_and_hf_directory_give_the_same_model(tiny_dir, tmp_path):

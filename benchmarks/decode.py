@@ -1,0 +1,77 @@
+"""Decode throughput of the default model against this machine's roofline (eager PyTorch, fp32).
+
+    python benchmarks/decode.py [--batches 1,8,16,32] [--steps 32] [--kv-len 256] [--baseline]
+
+Batch 1 is bound by memory bandwidth (every weight byte is read once per token); large batches by
+matmul FLOP/s (2 x parameters x batch per step). `--baseline` also times Hugging Face `generate()`
+at batch 1 in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from benchmarks.roofline import matmul_flops, memory_read_bandwidth
+from neuron_serve.weights import build_model, load_model_files
+
+
+def decode_tokens_per_s(model, batch: int, steps: int, kv_len: int) -> float:
+    k_cache, v_cache = model.new_kv_cache(batch)
+    tokens = torch.randint(0, model.config.vocab_size, (batch,))
+    with torch.inference_mode():
+        for _ in range(3):
+            model.decode(tokens, torch.full((batch,), kv_len // 2), k_cache, v_cache, kv_len)
+        start = time.perf_counter()
+        for step in range(steps):
+            # Positions advance as in real decoding, staying inside the kv_len bucket.
+            positions = torch.full((batch,), kv_len // 2 + step % (kv_len // 2))
+            model.decode(tokens, positions, k_cache, v_cache, kv_len)
+        return batch * steps / (time.perf_counter() - start)
+
+
+def hf_generate_tokens_per_s(loaded, new_tokens: int = 64) -> float:
+    from tests.hf_reference import hf_model
+
+    model = hf_model(loaded.config, loaded.state_dict)
+    prompt = torch.tensor([loaded.tokenizer.encode("The history of Rome")])
+    with torch.inference_mode():
+        model.generate(prompt, max_new_tokens=4, do_sample=False)
+        start = time.perf_counter()
+        out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return (out.shape[1] - prompt.shape[1]) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", default="1,8,16,32")
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--kv-len", type=int, default=256)
+    parser.add_argument("--baseline", action="store_true")
+    args = parser.parse_args()
+
+    bandwidth, flops = memory_read_bandwidth(), matmul_flops()
+    loaded = load_model_files("default")
+    model = build_model(loaded, max_seq_len=2048)
+    params = sum(p.numel() for p in model.parameters())
+    weight_bytes = params * 4
+    print(
+        f"machine: {torch.get_num_threads()} threads, read bandwidth {bandwidth / 1e9:.1f} GB/s, "
+        f"fp32 matmul {flops / 1e9:.0f} GFLOP/s"
+    )
+    print(f"model: {params / 1e6:.1f} M parameters, {weight_bytes / 1e6:.0f} MB of fp32 weights read per decode step")
+    print(f"{'batch':>5} {'tokens/s':>9} {'bound':>9} {'of bound':>9}  bound is")
+    for batch in (int(b) for b in args.batches.split(",")):
+        rate = decode_tokens_per_s(model, batch, args.steps, args.kv_len)
+        bandwidth_bound = bandwidth / weight_bytes * batch
+        compute_bound = flops / (2 * params)
+        bound, kind = min((bandwidth_bound, "bandwidth"), (compute_bound, "compute"))
+        print(f"{batch:>5} {rate:>9.1f} {bound:>9.1f} {rate / bound:>8.0%}  {kind}")
+    if args.baseline:
+        print(f"baseline: Hugging Face generate() at batch 1: {hf_generate_tokens_per_s(loaded):.1f} tokens/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""The artifact directory: manifest.json, weight shards, compiled graphs and the tokenizer.
+
+Every file is listed in the manifest with its size and SHA-256; loading checks them first, so a
+corrupt or truncated file is an error that names it, never garbage output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import neuron_serve
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class CorruptArtifactError(ValueError):
+    """An artifact file is missing, truncated or altered."""
+
+
+@dataclass
+class GraphRecord:
+    name: str
+    kind: str
+    bucket: int
+    file: str
+    compile_seconds: float
+    size_bytes: int
+    cache_key: str
+    cache_hit: bool
+
+
+@dataclass
+class ArtifactManifest:
+    recipe: dict[str, Any]
+    model_config: dict[str, Any]
+    source: dict[str, str]
+    toolchain: dict[str, str]
+    weights: list[str]
+    graphs: list[GraphRecord] = field(default_factory=list)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    format: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> ArtifactManifest:
+        data = json.loads(text)
+        data["graphs"] = [GraphRecord(**g) for g in data["graphs"]]
+        return cls(**data)
+
+    def graph(self, name: str) -> GraphRecord:
+        for record in self.graphs:
+            if record.name == name:
+                return record
+        raise KeyError(name)
+
+
+def toolchain_versions() -> dict[str, str]:
+    return {
+        "neuron_serve": neuron_serve.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path, manifest: ArtifactManifest) -> None:
+    """Checksum every file below `directory` (but the manifest) into the manifest and write it."""
+    manifest.files = {
+        path.relative_to(directory).as_posix(): {"size": path.stat().st_size, "sha256": sha256_file(path)}
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name != MANIFEST
+    }
+    (directory / MANIFEST).write_text(manifest.to_json())
+
+
+def read_manifest(directory: Path) -> ArtifactManifest:
+    path = Path(directory) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{directory} is not an artifact directory: {MANIFEST} is missing")
+    try:
+        return ArtifactManifest.from_json(path.read_text())
+    except (json.JSONDecodeError, TypeError, KeyError) as error:
+        raise CorruptArtifactError(f"{path}: unreadable manifest ({error})") from None
+
+
+def verify_files(directory: Path, manifest: ArtifactManifest, names: list[str] | None = None) -> None:
+    """Check size and SHA-256 of the listed files (all when `names` is None)."""
+    for name in names if names is not None else list(manifest.files):
+        expected = manifest.files.get(name)
+        path = Path(directory) / name
+        if expected is None:
+            raise CorruptArtifactError(f"{path}: not listed in {MANIFEST}")
+        if not path.exists():
+            raise CorruptArtifactError(f"{path}: missing")
+        size = path.stat().st_size
+        if size != expected["size"]:
+            raise CorruptArtifactError(f"{path}: truncated or altered ({size} bytes, expected {expected['size']})")
+        if sha256_file(path) != expected["sha256"]:
+            raise CorruptArtifactError(f"{path}: checksum mismatch (the file is corrupt)")

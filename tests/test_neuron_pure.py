@@ -1,0 +1,131 @@
+"""The Neuron side's pure Python: compiler flags, core ranges, neuron-monitor parsing."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from neuron_serve.neuron.cores import core_range_for_worker, visible_core_ranges
+from neuron_serve.neuron.flags import compiler_env, neuronx_cc_flags
+from neuron_serve.neuron.monitor import load_monitor_file, parse_monitor_lines, parse_report
+from neuron_serve.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+LLAMA = ROOT / "compile" / "llama-3.1-8b-inf2.48xlarge.toml"
+MONITOR_SAMPLE = ROOT / "tests" / "data" / "neuron_monitor_sample.json"
+
+
+def test_flags_for_the_llama_example():
+    assert neuronx_cc_flags(load_recipe(LLAMA)) == [
+        "--target=inf2",
+        "--model-type=transformer",
+        "--auto-cast=matmult",
+        "--auto-cast-type=bf16",
+        "-O2",
+        "--enable-fast-loading-neuron-binaries",
+    ]
+
+
+def test_flags_follow_the_compiler_section_and_extra_flags_come_last():
+    r = load_recipe(LLAMA)
+    r.target = dataclasses.replace(r.target, instance="trn1.32xlarge")
+    r.compiler = dataclasses.replace(
+        r.compiler,
+        auto_cast="none",
+        optlevel=3,
+        fast_loading=False,
+        extra_flags=["--auto-cast=all", "--verbose=info"],
+    )
+    # no --auto-cast-type without casting; extra flags last so that they win (right-most flag wins)
+    assert neuronx_cc_flags(r) == [
+        "--target=trn1",
+        "--model-type=transformer",
+        "--auto-cast=none",
+        "-O3",
+        "--auto-cast=all",
+        "--verbose=info",
+    ]
+
+
+def test_compiler_env_is_one_shell_string():
+    env = compiler_env(load_recipe(LLAMA))
+    assert env == {
+        "NEURON_CC_FLAGS": "--target=inf2 --model-type=transformer --auto-cast=matmult --auto-cast-type=bf16 "
+        "-O2 --enable-fast-loading-neuron-binaries"
+    }
+
+
+def test_flags_refuse_cpu_recipes():
+    with pytest.raises(ValueError, match="targets 'cpu'"):
+        neuronx_cc_flags(load_recipe(ROOT / "compile" / "tiny-cpu.toml"))
+
+
+def test_core_ranges_split_the_instance_into_replicas():
+    assert visible_core_ranges("inf2.48xlarge", 8) == ["0-7", "8-15", "16-23"]
+    assert visible_core_ranges("inf2.48xlarge", 24) == ["0-23"]
+    assert visible_core_ranges("inf2.xlarge", 1) == ["0", "1"]
+    assert visible_core_ranges("trn1.32xlarge", 8, replicas=2) == ["0-7", "8-15"]
+    assert visible_core_ranges("inf2.24xlarge", 8) == ["0-7"]  # 12 cores: one TP-8 replica, 4 idle
+
+
+def test_too_many_replicas_name_the_numbers():
+    with pytest.raises(ValueError, match=r"4 replicas x tp_degree 8 = 32 NeuronCores, but inf2.48xlarge has 24"):
+        visible_core_ranges("inf2.48xlarge", 8, replicas=4)
+    with pytest.raises(ValueError, match="unknown instance type"):
+        visible_core_ranges("inf9.large", 1)
+
+
+def test_core_range_for_worker():
+    assert core_range_for_worker(1, "inf2.48xlarge", 8) == "8-15"
+    with pytest.raises(ValueError, match=r"worker 3 has no NeuronCores: .* holds 3 replicas \(workers 0..2\)"):
+        core_range_for_worker(3, "inf2.48xlarge", 8)
+
+
+def test_monitor_sample_per_core_utilization():
+    summary = load_monitor_file(MONITOR_SAMPLE)
+    assert len(summary.samples) == 3
+    assert summary.skipped_lines == 1  # the capture ends mid-report
+    first = summary.samples[0]
+    assert first.period_s == pytest.approx(1.000113182)
+    assert [(rt.tag, rt.pid) for rt in first.runtimes] == [
+        ("neuron-serve-w0", 20843),
+        ("neuron-serve-w1", 20851),
+    ]
+    # each process lists both cores (0 for the other worker's); the per-core figure is the owner's
+    assert first.core_utilization == {0: 71.25, 1: 64.5}
+    mean = summary.mean_utilization()
+    assert mean[0] == pytest.approx((71.25 + 83.75 + 77.0) / 3)
+    assert mean[1] == pytest.approx((64.5 + 70.0 + 68.5) / 3)
+
+
+def test_monitor_reports_errors_and_untagged_runtimes():
+    report = {
+        "neuron_runtime_data": [
+            {
+                "pid": 77,
+                "neuron_runtime_tag": "",
+                "error": "runtime gone",
+                "report": {
+                    "neuroncore_counters": {
+                        "period": 5.0,
+                        "neuroncores_in_use": {"3": {"neuroncore_utilization": 12.5}},
+                        "error": "partial data",
+                    }
+                },
+            },
+        ]
+    }
+    sample = parse_report(report)
+    assert sample.runtimes[0].tag == "77"  # no NEURON_PROCESS_TAG: neuron-monitor's tag is the pid
+    assert sample.core_utilization == {3: 12.5}
+    assert sample.errors == ["77 (pid 77): runtime gone", "77 (pid 77): neuroncore_counters: partial data"]
+
+
+def test_monitor_lines_without_runtimes():
+    summary = parse_monitor_lines(["", json.dumps({"neuron_runtime_data": []}), "[1, 2]", "not json"])
+    assert len(summary.samples) == 1 and summary.samples[0].core_utilization == {}
+    assert summary.skipped_lines == 2
+    assert summary.mean_utilization() == {}
