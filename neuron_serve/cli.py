@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 from neuron_serve import __version__
 from neuron_serve.bench.cli import add_bench_parser
@@ -77,12 +81,38 @@ def _run_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve an artifact directory, or a recipe (compiled first), over HTTP with gunicorn"
+    )
+    p.add_argument("target", nargs="?", help="artifact directory or recipe TOML (none: SageMaker's /opt/ml/model)")
+    p.add_argument("--host", help="default: the recipe's [serve] host")
+    p.add_argument("--port", type=int, help="default: the recipe's [serve] port (8080)")
+    p.add_argument("--workers", type=int, help="model replicas (gunicorn workers)")
+    p.add_argument("--max-waiting", type=int, help="bound of the waiting queue; beyond it requests get 429")
+    p.add_argument("--model-name", help="the model id clients use (default: the recipe name)")
+    p.add_argument("--log-prompts", action="store_true", help="include prompt text in the request log")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    # prometheus-client picks its multiprocess mode when first imported: set the directory before.
+    metrics_dir = Path(tempfile.gettempdir()) / f"neuron-serve-metrics-{os.getpid()}"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    from neuron_serve.serve_command import serve
+
+    return serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neuron-serve", description=__doc__)
     parser.add_argument("--version", action="version", version=f"neuron-serve {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_generate(subparsers)
     _add_compile(subparsers)
+    _add_serve(subparsers)
     add_recipe_parser(subparsers)
     add_bench_parser(subparsers)
     return parser

@@ -77,9 +77,14 @@ def compile_recipe(recipe: Recipe, out_dir: Path | None = None, console: Console
 def _weights_entry(cache: CompileCache, recipe: Recipe, digest: str, console: Console) -> Path:
     tp = recipe.target.tp_degree
     key = cache_key(
-        {"source": digest, "dtype": recipe.model.dtype, "tp": tp, "quant": recipe.quantization.method,
-         "format": WEIGHTS_FORMAT}
-    )  # fmt: skip
+        {
+            "source": digest,
+            "dtype": recipe.model.dtype,
+            "tp": tp,
+            "quant": recipe.quantization.method,
+            "format": WEIGHTS_FORMAT,
+        }
+    )
     entry = cache.lookup("weights", key)
     if entry is not None:
         return entry
@@ -139,8 +144,14 @@ def _compile_graphs(cache, recipe, config, weights_entry, staging, console) -> l
     specs = graph_specs(shapes.context_buckets, shapes.token_buckets, shapes.max_seq_len)
     model = None
     records = []
-    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn()]  # fmt: skip
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(),
+    ]
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("graphs", total=len(specs))
         for spec in specs:
@@ -155,9 +166,17 @@ def _compile_graphs(cache, recipe, config, weights_entry, staging, console) -> l
             link_or_copy(entry / "graph.pt2", staging / "graphs" / f"{spec.name}.pt2")
             size = (entry / "graph.pt2").stat().st_size
             records.append(
-                GraphRecord(spec.name, spec.kind, spec.bucket, f"graphs/{spec.name}.pt2", info["compile_seconds"],
-                            size, key, hit)
-            )  # fmt: skip
+                GraphRecord(
+                    spec.name,
+                    spec.kind,
+                    spec.bucket,
+                    f"graphs/{spec.name}.pt2",
+                    info["compile_seconds"],
+                    size,
+                    key,
+                    hit,
+                )
+            )
             progress.advance(task)
     return records
 

@@ -153,9 +153,13 @@ def test_rejected_ignore_eos_is_retried_without_it(api_base):
 def test_payload_asks_for_usage_and_greedy_decoding():
     body = StreamingClient(ClientConfig("http://x/v1", "m", "chat")).payload(BenchRequest("p", 1, 9), False)
     assert body == {
-        "model": "m", "max_tokens": 9, "temperature": 0.0, "stream": True,
-        "stream_options": {"include_usage": True}, "messages": [{"role": "user", "content": "p"}],
-    }  # fmt: skip
+        "model": "m",
+        "max_tokens": 9,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "messages": [{"role": "user", "content": "p"}],
+    }
 
 
 def test_run_level_counts_errors_and_fills_missing_usage(api_base):

@@ -46,9 +46,14 @@ def test_summarize_matches_numpy_on_random_data():
     for p in pcts:
         assert got[f"p{percentile_word(p)}_ttft_ms"] == pytest.approx(np.percentile(ms, p))
     assert set(got) == {
-        "mean_ttft_ms", "median_ttft_ms", "std_ttft_ms", "p50_ttft_ms", "p90_ttft_ms", "p99_ttft_ms",
+        "mean_ttft_ms",
+        "median_ttft_ms",
+        "std_ttft_ms",
+        "p50_ttft_ms",
+        "p90_ttft_ms",
+        "p99_ttft_ms",
         "p99.9_ttft_ms",
-    }  # fmt: skip
+    }
 
 
 def test_summarize_known_values_in_milliseconds():
@@ -62,8 +67,11 @@ def test_summarize_known_values_in_milliseconds():
 
 def test_summarize_without_values_is_none_not_zero():
     assert summarize("tpot", [], (99.0,)) == {
-        "mean_tpot_ms": None, "median_tpot_ms": None, "std_tpot_ms": None, "p99_tpot_ms": None,
-    }  # fmt: skip
+        "mean_tpot_ms": None,
+        "median_tpot_ms": None,
+        "std_tpot_ms": None,
+        "p99_tpot_ms": None,
+    }
 
 
 def test_percentile_word_follows_vllm():
@@ -113,8 +121,12 @@ def test_goodput_counts_requests_meeting_every_slo():
     single_token = record(ttft=0.45, itl=[], output_tokens=1)  # TPOT counts as 0, as in vLLM
     at_limit = record(ttft=0.5, itl=[0.05] * 2)
     assert [meets_slos(r, slos) for r in (good, slow_first, slow_stream, single_token, at_limit)] == [
-        True, False, False, True, True,
-    ]  # fmt: skip
+        True,
+        False,
+        False,
+        True,
+        True,
+    ]
     m = calculate_metrics([good, slow_first, slow_stream, single_token], 2.0, MetricsConfig(goodput=slos))
     assert m["request_goodput"] == pytest.approx(2 / 2.0)
     assert meets_slos(record(ttft=0.1, itl=[0.5]), {"e2el": 500.0}) is False

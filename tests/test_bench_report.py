@@ -18,12 +18,29 @@ from neuron_serve.bench.report import build_run, write_run
 from neuron_serve.bench.runner import LevelRun, LoadLevel
 
 VLLM_KEYS = {
-    "date", "backend", "endpoint_type", "label", "model_id", "tokenizer_id", "num_prompts", "request_rate",
-    "burstiness", "max_concurrency", "duration", "completed", "failed", "total_input_tokens",
-    "total_output_tokens", "request_throughput", "request_goodput", "output_throughput",
-    "total_token_throughput", "max_output_tokens_per_s", "max_concurrent_requests",
+    "date",
+    "backend",
+    "endpoint_type",
+    "label",
+    "model_id",
+    "tokenizer_id",
+    "num_prompts",
+    "request_rate",
+    "burstiness",
+    "max_concurrency",
+    "duration",
+    "completed",
+    "failed",
+    "total_input_tokens",
+    "total_output_tokens",
+    "request_throughput",
+    "request_goodput",
+    "output_throughput",
+    "total_token_throughput",
+    "max_output_tokens_per_s",
+    "max_concurrent_requests",
     *(f"{s}_{m}_ms" for s in ("mean", "median", "std", "p90", "p99") for m in ("ttft", "tpot", "itl", "e2el")),
-}  # fmt: skip
+}
 
 
 def synthetic_level(concurrency: int, n: int, speed: float, rng: np.random.Generator) -> LevelRun:
@@ -52,12 +69,24 @@ def make_run(tmp_path, name: str, speed: float, levels=(1, 2, 4)):
     cfg = MetricsConfig(goodput={"ttft": 150.0, "tpot": 40.0})
     cost = resolve_cost_model("inf2.xlarge")
     config = {
-        "date": "20250101-000000", "endpoint_type": "openai", "backend": "openai", "label": name,
-        "model_id": "tiny", "tokenizer_id": "tok", "num_prompts": 6, "base_url": "http://h/v1",
-        "workload": "preset qa: 16 input → 8 output tokens", "load": "closed loop", "ignore_eos": "supported",
-        "percentiles": list(cfg.percentiles), "percentile_metrics": list(cfg.percentile_metrics),
-        "goodput": cfg.goodput, "instance": cost.describe(), "notes": ["a note"], "interrupted": False,
-    }  # fmt: skip
+        "date": "20250101-000000",
+        "endpoint_type": "openai",
+        "backend": "openai",
+        "label": name,
+        "model_id": "tiny",
+        "tokenizer_id": "tok",
+        "num_prompts": 6,
+        "base_url": "http://h/v1",
+        "workload": "preset qa: 16 input → 8 output tokens",
+        "load": "closed loop",
+        "ignore_eos": "supported",
+        "percentiles": list(cfg.percentiles),
+        "percentile_metrics": list(cfg.percentile_metrics),
+        "goodput": cfg.goodput,
+        "instance": cost.describe(),
+        "notes": ["a note"],
+        "interrupted": False,
+    }
     out = tmp_path / name
     return out, write_run(build_run(config, runs, cfg, cost), out)
 
@@ -66,9 +95,13 @@ def test_run_writes_every_file_with_vllm_keys(tmp_path):
     out, paths = make_run(tmp_path, "before", speed=1.0)
     names = {p.name for p in paths}
     assert names == {
-        "results.json", "requests.csv", "report.md", "throughput.png", "ttft_itl_percentiles.png",
+        "results.json",
+        "requests.csv",
+        "report.md",
+        "throughput.png",
+        "ttft_itl_percentiles.png",
         "latency_vs_throughput.png",
-    }  # fmt: skip
+    }
     for p in paths:
         assert p.is_file() and p.stat().st_size > 0
     for png in out.glob("*.png"):
@@ -122,10 +155,25 @@ def test_bench_arguments():
     parser = argparse.ArgumentParser(prog="neuron-serve")
     add_bench_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(
-        ["bench", "--base-url", "http://h:8000", "--preset", "summarization", "--concurrency", "1,4,16",
-         "--goodput", "ttft:500", "tpot:50", "--metric-percentiles", "50,99.9", "--instance", "inf2.xlarge",
-         "--output", "out"]
-    )  # fmt: skip
+        [
+            "bench",
+            "--base-url",
+            "http://h:8000",
+            "--preset",
+            "summarization",
+            "--concurrency",
+            "1,4,16",
+            "--goodput",
+            "ttft:500",
+            "tpot:50",
+            "--metric-percentiles",
+            "50,99.9",
+            "--instance",
+            "inf2.xlarge",
+            "--output",
+            "out",
+        ]
+    )
     assert args.concurrency == [1, 4, 16] and args.request_rate is None
     assert dict(args.goodput) == {"ttft": 500.0, "tpot": 50.0}
     assert args.metric_percentiles == [50.0, 99.9] and args.ignore_eos and args.bench_command is None

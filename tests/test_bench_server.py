@@ -18,8 +18,14 @@ import requests
 
 from neuron_serve.bench.cli import add_bench_parser
 
-FILES = ("results.json", "requests.csv", "report.md", "throughput.png", "ttft_itl_percentiles.png",
-         "latency_vs_throughput.png")  # fmt: skip
+FILES = (
+    "results.json",
+    "requests.csv",
+    "report.md",
+    "throughput.png",
+    "ttft_itl_percentiles.png",
+    "latency_vs_throughput.png",
+)
 _SAMPLE = re.compile(r"^(?P<name>[\w:]+)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)")
 
 
@@ -60,10 +66,27 @@ def test_sweep_counts_agree_with_the_server(server, tmp_path):
     out = tmp_path / "sweep"
     before = counters(server)
     rc = bench(
-        "--base-url", server.base_url, "--model", server.model, "--tokenizer", str(server.artifacts / "tokenizer"),
-        "--input-len", "16", "--output-len", "8", "--concurrency", "1,2", "--num-prompts", "4",
-        "--goodput", "ttft:60000", "--instance", "inf2.xlarge", "--output", str(out),
-    )  # fmt: skip
+        "--base-url",
+        server.base_url,
+        "--model",
+        server.model,
+        "--tokenizer",
+        str(server.artifacts / "tokenizer"),
+        "--input-len",
+        "16",
+        "--output-len",
+        "8",
+        "--concurrency",
+        "1,2",
+        "--num-prompts",
+        "4",
+        "--goodput",
+        "ttft:60000",
+        "--instance",
+        "inf2.xlarge",
+        "--output",
+        str(out),
+    )
     after = counters(server)
     assert rc == 0
     for name in FILES:
@@ -82,9 +105,23 @@ def test_server_tokenizer_and_chat_endpoint(server, tmp_path):
     out = tmp_path / "chat"
     before = counters(server)
     rc = bench(
-        "--base-url", f"{server.base_url}/v1", "--model", server.model, "--endpoint", "chat",
-        "--input-len", "24", "--output-len", "6", "--concurrency", "2", "--num-prompts", "3", "--output", str(out),
-    )  # fmt: skip
+        "--base-url",
+        f"{server.base_url}/v1",
+        "--model",
+        server.model,
+        "--endpoint",
+        "chat",
+        "--input-len",
+        "24",
+        "--output-len",
+        "6",
+        "--concurrency",
+        "2",
+        "--num-prompts",
+        "3",
+        "--output",
+        str(out),
+    )
     after = counters(server)
     assert rc == 0
     (level,) = levels_of(out)
@@ -99,9 +136,19 @@ def test_rejected_request_is_counted_not_fatal(server, tmp_path):
     dataset.write_text("".join(json.dumps({"prompt": p, "output_len": 4}) + "\n" for p in prompts))
     out = tmp_path / "errors"
     rc = bench(
-        "--base-url", server.base_url, "--model", server.model, "--tokenizer", str(server.artifacts / "tokenizer"),
-        "--dataset", str(dataset), "--concurrency", "1,2", "--output", str(out),
-    )  # fmt: skip
+        "--base-url",
+        server.base_url,
+        "--model",
+        server.model,
+        "--tokenizer",
+        str(server.artifacts / "tokenizer"),
+        "--dataset",
+        str(dataset),
+        "--concurrency",
+        "1,2",
+        "--output",
+        str(out),
+    )
     assert rc == 0
     for name in FILES:
         assert (out / name).is_file(), name

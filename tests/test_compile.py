@@ -21,8 +21,12 @@ PROMPTS = {16: list(range(3, 14)), 32: list(range(40, 70)), "chunked": [(i * 11)
 def test_aot_graphs_match_the_eager_model_in_every_bucket(tiny_artifacts, tiny_loaded):
     aot, manifest = open_runner(tiny_artifacts)
     shapes = manifest.recipe["shapes"]
-    eager = EagerRunner(build_model(tiny_loaded, shapes["max_seq_len"]), shapes["batch_size"],
-                        shapes["context_buckets"], shapes["token_buckets"])  # fmt: skip
+    eager = EagerRunner(
+        build_model(tiny_loaded, shapes["max_seq_len"]),
+        shapes["batch_size"],
+        shapes["context_buckets"],
+        shapes["token_buckets"],
+    )
     for slot, prompt in enumerate(PROMPTS.values()):
         assert (aot.prefill(prompt, slot) - eager.prefill(prompt, slot)).abs().max() < 1e-4
     assert set(aot.usage.real) == {"prefill_16", "prefill_32", "prefill_chunk"}

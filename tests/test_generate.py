@@ -68,19 +68,50 @@ def test_penalties_push_down_repeated_tokens():
 
 def test_generate_command_streams_and_reports_speed(tiny_dir):
     result = subprocess.run(
-        [sys.executable, "-m", "neuron_serve.cli", "generate", "--model", str(tiny_dir), "--prompt", "Paris is",
-         "--max-tokens", "12", "--temperature", "0.8", "--seed", "3", "--max-seq-len", "128"],
-        capture_output=True, text=True, timeout=120, check=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "neuron_serve.cli",
+            "generate",
+            "--model",
+            str(tiny_dir),
+            "--prompt",
+            "Paris is",
+            "--max-tokens",
+            "12",
+            "--temperature",
+            "0.8",
+            "--seed",
+            "3",
+            "--max-seq-len",
+            "128",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     assert "12 generated" in result.stderr and "tokens/s" in result.stderr
     assert result.stdout.strip(), "the generated text goes to stdout"
 
 
 def test_generate_command_rejects_bad_parameters_clearly(tiny_dir):
     result = subprocess.run(
-        [sys.executable, "-m", "neuron_serve.cli", "generate", "--model", str(tiny_dir), "--prompt", "x",
-         "--top-p", "1.5"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "neuron_serve.cli",
+            "generate",
+            "--model",
+            str(tiny_dir),
+            "--prompt",
+            "x",
+            "--top-p",
+            "1.5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "top_p: must be in (0, 1], got 1.5" in result.stderr

@@ -10,6 +10,7 @@ input shapes match the call's exactly, so every graph must have distinct input s
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import shlex
 from collections.abc import Callable, Mapping
@@ -67,21 +68,27 @@ def _model_instance(module_factory: Callable[[], torch.nn.Module], state_aliases
     return _Instance(module_factory, input_output_aliases={})
 
 
+def _no_checkpoint() -> dict[str, torch.Tensor]:
+    raise RuntimeError("this compile has no checkpoint: each rank's weights are given to load_compiled")
+
+
 def compile_graphs(
     recipe: Recipe,
-    module_factory: Callable[[], torch.nn.Module],
+    module_factory: Callable[[str], torch.nn.Module],
     example_inputs: Mapping[str, tuple[torch.Tensor, ...]],
-    checkpoint_loader: Callable[[], dict[str, torch.Tensor]],
+    checkpoint_loader: Callable[[], dict[str, torch.Tensor]] | None,
     out_dir: str | Path,
     workdir: str | Path,
     state_aliases: StateAliases | None = None,
 ) -> Path:
-    """Trace and compile one graph per ``example_inputs`` entry; write the model and weight shards.
+    """Trace and compile one graph per ``example_inputs`` entry; write the model (and weight shards).
 
-    ``module_factory`` builds the model with neuronx-distributed parallel layers; ``checkpoint_loader``
-    returns the full (unsharded) state dict, which ModelBuilder shards per TP rank. ``workdir`` holds
-    neuronx-cc's intermediate files and logs; ModelBuilder deletes and recreates it.
-    Writes ``out_dir/nxd_model.pt`` and ``out_dir/weights/tp{rank}_sharded_checkpoint.safetensors``.
+    ``module_factory(key)`` builds graph ``key``'s module with neuronx-distributed parallel layers.
+    ``checkpoint_loader`` returns the full (unsharded) state dict, which ModelBuilder shards per TP
+    rank into ``out_dir/weights/tp{rank}_sharded_checkpoint.safetensors``; None writes no shards (the
+    caller hands each rank's weights to `load_compiled`). ``workdir`` holds neuronx-cc's intermediate
+    files and logs (``workdir/<key>/_tp0_bk0/graph.neff``); ModelBuilder deletes and recreates it.
+    Writes ``out_dir/nxd_model.pt``.
     """
     require_sdk()
     from neuronx_distributed.trace.model_builder import ModelBuilder
@@ -91,7 +98,7 @@ def compile_graphs(
     builder = ModelBuilder(
         router=None,
         tp_degree=recipe.target.tp_degree,
-        checkpoint_loader=checkpoint_loader,
+        checkpoint_loader=checkpoint_loader or _no_checkpoint,
         compiler_workdir=str(workdir),
     )
     # A string, not a list: ModelBuilder appends " --logfile=..." to it with +=.
@@ -99,20 +106,24 @@ def compile_graphs(
     for key, inputs in example_inputs.items():
         builder.add(
             key=key,
-            model_instance=_model_instance(module_factory, state_aliases),
+            model_instance=_model_instance(functools.partial(module_factory, key), state_aliases),
             example_inputs=[inputs],
             compiler_args=compiler_args,
         )
     # Weights are sharded to files below rather than baked into the traced model.
     traced = builder.trace(initialize_model_weights=False)
     torch.jit.save(traced, out_dir / MODEL_FILE)
-    builder.shard_checkpoint(serialize_path=str(out_dir / WEIGHTS_DIR))
+    if checkpoint_loader is not None:
+        builder.shard_checkpoint(serialize_path=str(out_dir / WEIGHTS_DIR))
     return out_dir / MODEL_FILE
 
 
-def load_compiled(out_dir: str | Path, tp_degree: int, start_rank: int = 0) -> Any:
+def load_compiled(
+    out_dir: str | Path, tp_degree: int, start_rank: int = 0, weights: list[dict[str, torch.Tensor]] | None = None
+) -> Any:
     """Load what compile_graphs wrote onto this process's NeuronCores (NEURON_RT_VISIBLE_CORES).
 
+    ``weights``: each rank's tensors by parameter name; None reads the shards compile_graphs wrote.
     The result is called as ``model(*inputs)`` and routes by input shapes.
     """
     require_sdk()
@@ -121,9 +132,12 @@ def load_compiled(out_dir: str | Path, tp_degree: int, start_rank: int = 0) -> A
 
     out_dir = Path(out_dir)
     model = torch.jit.load(str(out_dir / MODEL_FILE))
-    weights = [
-        load_file(str(out_dir / WEIGHTS_DIR / f"tp{rank}_sharded_checkpoint.safetensors"))
-        for rank in range(start_rank, start_rank + tp_degree)
-    ]
+    if weights is None:
+        weights = [
+            load_file(str(out_dir / WEIGHTS_DIR / f"tp{rank}_sharded_checkpoint.safetensors"))
+            for rank in range(start_rank, start_rank + tp_degree)
+        ]
+    if len(weights) != tp_degree:
+        raise ValueError(f"{len(weights)} ranks of weights for tp_degree {tp_degree}")
     model.nxd_model.initialize(weights, torch.tensor([start_rank], dtype=torch.int32))
     return model

@@ -43,3 +43,15 @@ def core_range_for_worker(worker_index: int, instance: str, tp_degree: int, repl
             f"holds {len(ranges)} replicas (workers 0..{len(ranges) - 1})"
         )
     return ranges[worker_index]
+
+
+def visible_core_count(visible: str) -> int:
+    """How many NeuronCores a NEURON_RT_VISIBLE_CORES value names ("3": one, "8-15": eight)."""
+    first, _, last = visible.strip().partition("-")
+    try:
+        count = int(last or first) - int(first) + 1
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ValueError(f"NEURON_RT_VISIBLE_CORES={visible!r}: expected one core index or a range like 8-15")
+    return count

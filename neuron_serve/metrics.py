@@ -1,0 +1,102 @@
+"""Prometheus metrics, named as vLLM names them under the `neuron_serve:` prefix.
+
+Under gunicorn every worker is a replica; prometheus-client's multiprocess mode (the directory in
+PROMETHEUS_MULTIPROC_DIR, set by `neuron-serve serve`) sums counters and histograms over them, and
+each gauge says how it combines (`livesum`, `max`, ...).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
+OCCUPANCY_BUCKETS = tuple(i / 16 for i in range(1, 17))
+P = "neuron_serve:"
+
+
+class Metrics:
+    def __init__(self, model_name: str, registry: CollectorRegistry | None = None):
+        self.model_name = model_name
+        kw = {"labelnames": ["model_name"], "registry": registry} if registry else {"labelnames": ["model_name"]}
+
+        def hist(name, doc, buckets=LATENCY_BUCKETS):
+            return Histogram(P + name, doc, buckets=buckets, **kw).labels(model_name)
+
+        self.ttft = hist("time_to_first_token_seconds", "Time from request arrival to its first token")
+        self.itl = hist("inter_token_latency_seconds", "Time between two tokens of one request")
+        self.e2e = hist("e2e_request_latency_seconds", "Time from request arrival to its last token")
+        self.queue_time = hist("request_queue_time_seconds", "Time a request waited for a slot")
+        self.prefill_time = hist("request_prefill_time_seconds", "Time of a request's prefill")
+        self.decode_time = hist("request_decode_time_seconds", "Time from a request's first token to its last")
+        self.occupancy = hist("batch_occupancy", "Busy slots / slots, per decode step", OCCUPANCY_BUCKETS)
+        self.running = Gauge(P + "num_requests_running", "Requests in slots", multiprocess_mode="livesum", **kw)
+        self.waiting = Gauge(P + "num_requests_waiting", "Requests queued", multiprocess_mode="livesum", **kw)
+        self.prompt_tokens = Counter(P + "prompt_tokens", "Prefilled prompt tokens", **kw).labels(model_name)
+        self.generation_tokens = Counter(P + "generation_tokens", "Generated tokens", **kw).labels(model_name)
+        labels = {**kw, "labelnames": ["model_name", "finished_reason"]}
+        self.finished = Counter(P + "request_success", "Finished requests by reason", **labels)
+        bucket_kw = {**kw, "labelnames": ["model_name", "bucket"]}
+        self.bucket_real = Counter(P + "bucket_real_tokens", "Real tokens run through a bucket's graph", **bucket_kw)
+        self.bucket_padded = Counter(P + "bucket_padded_tokens", "Token slots the bucket's graph ran", **bucket_kw)
+        self.padding_ratio = Gauge(
+            P + "padding_ratio",
+            "Share of a bucket's token slots that were padding",
+            multiprocess_mode="max",
+            **bucket_kw,
+        )
+        phase_kw = {**kw, "labelnames": ["model_name", "phase"]}
+        self.cold_start = Gauge(P + "cold_start_seconds", "Start-up time by phase", multiprocess_mode="max", **phase_kw)
+        self.accelerator_occupancy = Gauge(
+            P + "accelerator_occupancy",
+            "Share of wall time in forward passes (cpu) or neuroncore_utilization/100 (neuron)",
+            multiprocess_mode="max",
+            **kw,
+        )
+        self.running, self.waiting = self.running.labels(model_name), self.waiting.labels(model_name)
+        self.accelerator_occupancy = self.accelerator_occupancy.labels(model_name)
+        self._busy_s = 0.0
+        self._window_start = time.perf_counter()
+        self._padding_totals: dict[str, tuple[int, int]] = {}
+
+    def bucket_usage(self, bucket: str, real: int, padded: int) -> None:
+        self.bucket_real.labels(self.model_name, bucket).inc(real)
+        self.bucket_padded.labels(self.model_name, bucket).inc(padded)
+        total_real, total_padded = self._padding_totals.get(bucket, (0, 0))
+        total_real, total_padded = total_real + real, total_padded + padded
+        self._padding_totals[bucket] = (total_real, total_padded)
+        self.padding_ratio.labels(self.model_name, bucket).set(1 - total_real / total_padded if total_padded else 0)
+
+    def forward_time(self, seconds: float) -> None:
+        """Accumulate forward-pass time; publish busy/wall over windows of at least 2 s."""
+        self._busy_s += seconds
+        now = time.perf_counter()
+        if now - self._window_start >= 2.0:
+            self.accelerator_occupancy.set(min(1.0, self._busy_s / (now - self._window_start)))
+            self._busy_s, self._window_start = 0.0, now
+
+    def idle(self) -> None:
+        self.forward_time(0.0)
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text: summed over gunicorn workers when in multiprocess mode."""
+    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY
+
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+_by_model: dict[str, Metrics] = {}
+
+
+def metrics_for(model_name: str) -> Metrics:
+    """One set per model and process: prometheus-client refuses to register a name twice."""
+    if model_name not in _by_model:
+        _by_model[model_name] = Metrics(model_name)
+    return _by_model[model_name]

@@ -1,0 +1,100 @@
+"""`NeuronRunner`: the compiled Neuron graphs of an artifact, on this process's NeuronCores.
+
+One replica is one process whose NeuronCores are named by ``NEURON_RT_VISIBLE_CORES`` (one core
+per TP rank, set by the server for each worker). The graphs are loaded with `backend.load_compiled`,
+each rank given its shard of the artifact's own weights (``weights/rank{r}.safetensors``).
+
+What this runner costs, honestly: the graphs are the model's pure functions, so the KV cache lives
+on the host. Every decode step sends ``kv_len`` positions of the cache of every slot to every rank and
+gets this step's keys and values back; a prefill chunk sends its slot's whole cache row. That traffic
+grows with batch size x context length and dominates decode latency for long contexts.
+
+Follow-up, not built here -- a device-resident KV cache: make the cache a state buffer of the traced
+module (an ``nn.Parameter`` per rank, created on the device by NxD's StateInitializer) and mark it in
+``input_output_aliases`` (`backend.compile_graphs`' ``state_aliases``), so that each graph writes its
+new keys and values into the cache in place, as NxD Inference's KV cache manager does. The graphs then
+take only token ids and positions, return only logits, and the host stores no KV at all; the forwards
+in ``model.py`` would gain the in-place cache update that they now leave to the caller.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from neuron_serve.aot import LoadTimes
+from neuron_serve.artifacts import ArtifactManifest
+from neuron_serve.config import ModelConfig
+from neuron_serve.neuron import backend
+from neuron_serve.neuron.cores import visible_core_count
+from neuron_serve.neuron.neuron_graphs import cache_heads, rank_weights
+from neuron_serve.runner import Runner
+from neuron_serve.weights import DTYPES
+
+GRAPHS_DIR = "graphs"
+
+# (graphs directory, tp_degree, each rank's weights) -> a callable that routes by input shapes
+GraphLoader = Callable[..., Any]
+
+
+def check_visible_cores(tp_degree: int) -> None:
+    """A replica must see exactly its TP degree of cores: the runtime reserves every visible core for
+    this process, so extra ones would be held away from the other replicas."""
+    visible = os.environ.get("NEURON_RT_VISIBLE_CORES")
+    if visible is not None and visible_core_count(visible) != tp_degree:
+        raise ValueError(
+            f"NEURON_RT_VISIBLE_CORES={visible} names {visible_core_count(visible)} NeuronCores, "
+            f"but the artifact was compiled for tp_degree {tp_degree} (one core per rank)"
+        )
+
+
+def _int32(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.to(torch.int32) for t in tensors]
+
+
+class NeuronRunner(Runner):
+    """Calls the compiled graphs with the inputs `neuron_graphs.example_inputs` describes; owns the
+    host KV cache ``[layers, slots, degree * local_kv_heads, max_seq_len, head_dim]``."""
+
+    def __init__(self, directory: Path, manifest: ArtifactManifest, times: LoadTimes, load: GraphLoader | None = None):
+        shapes, degree = manifest.recipe["shapes"], manifest.recipe["target"]["tp_degree"]
+        super().__init__(
+            shapes["batch_size"], shapes["max_seq_len"], shapes["context_buckets"], shapes["token_buckets"]
+        )
+        check_visible_cores(degree)
+        started = time.perf_counter()
+        config = ModelConfig.from_dict(manifest.model_config)
+        shards = [load_file(Path(directory) / name) for name in manifest.weights]
+        weights = rank_weights(shards, config, self.max_seq_len)
+        load = load or backend.load_compiled
+        self.model = load(Path(directory) / GRAPHS_DIR, degree, weights=weights)
+        times.measure("load_graphs", started)
+        shape = (
+            config.num_hidden_layers,
+            self.batch_size,
+            cache_heads(config, degree),
+            self.max_seq_len,
+            config.head_dim,
+        )
+        dtype = DTYPES[manifest.recipe["model"]["dtype"]]
+        self.k_cache, self.v_cache = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+
+    def run_prefill(self, bucket, tokens, last_index):
+        return self.model(*_int32(tokens, last_index))
+
+    def run_prefill_chunk(self, tokens, start, last_index, slot):
+        k_row, v_row = self.k_cache[:, slot].contiguous(), self.v_cache[:, slot].contiguous()
+        return self.model(*_int32(tokens, start, last_index), k_row, v_row)
+
+    def run_decode(self, kv_len, tokens, positions):
+        # Cut to the bucket here: the decode graphs differ only in this length, which is how the
+        # loaded model tells them apart (it routes by input shapes).
+        k_cache = self.k_cache[:, :, :, :kv_len].contiguous()
+        v_cache = self.v_cache[:, :, :, :kv_len].contiguous()
+        return self.model(*_int32(tokens, positions), k_cache, v_cache)

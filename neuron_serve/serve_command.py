@@ -1,0 +1,136 @@
+"""`neuron-serve serve`: gunicorn in front of the Flask app, one model replica per worker.
+
+Worker class: gthread. Each worker's engine is a real OS thread running torch, which releases the
+GIL inside every operator; request threads just wait on queues. gevent would monkey-patch the engine
+thread into a greenlet, so every forward pass would block all streams of that worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from gunicorn.app.base import BaseApplication
+
+from neuron_serve.artifacts import MANIFEST, read_manifest
+from neuron_serve.recipe import Recipe, load_recipe
+from neuron_serve.service import ModelService, ServeSettings
+
+SAGEMAKER_MODEL_DIR = Path("/opt/ml/model")
+
+
+def resolve_target(target: str | None) -> tuple[Path, Recipe | None]:
+    """An artifact directory to serve, compiling first when given a recipe (a cache hit when nothing
+    changed). With no target inside a SageMaker container, the model comes from /opt/ml/model."""
+    from neuron_serve.compiler import compile_recipe
+
+    if target is None:
+        model_dir = Path(os.environ.get("SM_MODEL_DIR", SAGEMAKER_MODEL_DIR))
+        if not model_dir.exists():
+            raise FileNotFoundError("give an artifact directory or a recipe (no SageMaker /opt/ml/model here)")
+        if (model_dir / MANIFEST).exists():
+            return model_dir, None
+        recipes = sorted(model_dir.glob("*.toml"))
+        recipe = load_recipe(recipes[0]) if recipes else Recipe(name="sagemaker-model")
+        if not recipes:
+            recipe.model.source = str(model_dir)
+        out = Path(tempfile.gettempdir()) / "neuron-serve-artifacts" / recipe.name
+        return compile_recipe(recipe, out).out_dir, recipe
+    path = Path(target)
+    if path.suffix == ".toml":
+        recipe = load_recipe(path)
+        return compile_recipe(recipe).out_dir, recipe
+    read_manifest(path)  # a clear error now, not in every worker
+    return path, None
+
+
+class ServerApplication(BaseApplication):
+    def __init__(self, settings: ServeSettings, options: dict):
+        self.settings = settings
+        self.options = options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self.options.items():
+            self.cfg.set(key, value)
+
+    def load(self):
+        from neuron_serve.server import create_app
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        return create_app(ModelService(self.settings).start())
+
+
+def pre_fork(server, worker) -> None:
+    """Give the new worker the lowest replica index no live worker holds (stable across restarts)."""
+    taken = {getattr(w, "replica_index", None) for w in server.WORKERS.values()}
+    worker.replica_index = next(i for i in range(len(taken) + 1) if i not in taken)
+
+
+def placement(replica_index: int, workers: int, recipe: dict) -> dict[str, str]:
+    """Environment for one replica: its NeuronCores on neuron, its CPU cores on cpu."""
+    target = recipe["target"]
+    if target["kind"] == "neuron":
+        from neuron_serve.neuron.cores import core_range_for_worker
+
+        cores = core_range_for_worker(replica_index, target["instance"], target["tp_degree"], workers)
+        return {"NEURON_RT_VISIBLE_CORES": cores}
+    cpus = sorted(os.sched_getaffinity(0))
+    share = max(1, len(cpus) // workers)
+    mine = cpus[(replica_index * share) % len(cpus) :][:share]
+    return {"NEURON_SERVE_CPUS": ",".join(map(str, mine))}
+
+
+def post_fork(server, worker) -> None:
+    recipe = read_manifest(server.app.settings.artifacts).recipe
+    env = placement(worker.replica_index, server.app.cfg.workers, recipe)
+    os.environ.update(env)
+    if "NEURON_SERVE_CPUS" in env:
+        import torch
+
+        cpus = {int(c) for c in env["NEURON_SERVE_CPUS"].split(",")}
+        os.sched_setaffinity(0, cpus)
+        torch.set_num_threads(len(cpus))
+    server.log.info("replica %d placed: %s", worker.replica_index, env)
+
+
+def child_exit(server, worker) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def serve(args: argparse.Namespace) -> int:
+    artifacts, recipe = resolve_target(args.target)
+    manifest = read_manifest(artifacts)
+    serve_section = (recipe.serve.__dict__ if recipe else None) or manifest.recipe["serve"]
+    workers = args.workers or serve_section["workers"]
+    max_waiting = args.max_waiting or serve_section["max_waiting"]
+    settings = ServeSettings(
+        artifacts=artifacts.resolve(),
+        model_name=args.model_name or manifest.recipe["name"],
+        max_waiting=max_waiting,
+        max_tokens_default=serve_section["max_tokens_default"],
+        log_prompts=args.log_prompts,
+    )
+    batch_size = manifest.recipe["shapes"]["batch_size"]
+    options = {
+        "bind": f"{args.host or serve_section['host']}:{args.port or serve_section['port']}",
+        "workers": workers,
+        "worker_class": "gthread",
+        # Every stream holds a thread until it ends: slots + queue + room for /ping and /metrics.
+        "threads": batch_size + max_waiting + 8,
+        "timeout": 120,
+        "graceful_timeout": serve_section["graceful_timeout_s"],
+        "keepalive": 5,
+        "pre_fork": pre_fork,
+        "post_fork": post_fork,
+        "child_exit": child_exit,
+        "errorlog": "-",
+        "loglevel": "info",
+    }
+    ServerApplication(settings, options).run()
+    return 0

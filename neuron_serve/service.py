@@ -1,0 +1,90 @@
+"""One model replica in a server worker: loads the artifacts in the background, then runs the engine."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from neuron_serve.aot import LoadTimes, open_runner
+from neuron_serve.api_params import Limits
+from neuron_serve.config import ModelConfig
+from neuron_serve.engine import Engine
+from neuron_serve.generate import stop_ids
+from neuron_serve.metrics import metrics_for
+
+log = logging.getLogger("neuron_serve.service")
+
+
+@dataclass
+class ServeSettings:
+    artifacts: Path
+    model_name: str
+    max_waiting: int = 256
+    max_tokens_default: int = 256
+    max_body_bytes: int = 4 * 1024 * 1024
+    log_prompts: bool = False
+
+
+class ModelService:
+    def __init__(self, settings: ServeSettings):
+        self.settings = settings
+        self.state = "loading"
+        self.error: str | None = None
+        self.engine: Engine | None = None
+        self.tokenizer = None
+        self.limits: Limits | None = None
+        self.eos_ids: frozenset[int] = frozenset()
+        self.metrics = metrics_for(settings.model_name)
+        self.source = ""
+        self._thread = threading.Thread(target=self._load, name="neuron-serve-loader", daemon=True)
+
+    def start(self) -> ModelService:
+        self._thread.start()
+        return self
+
+    def wait_ready(self, timeout: float) -> bool:
+        self._thread.join(timeout)
+        return self.state == "ready"
+
+    def _load(self) -> None:
+        try:
+            times = LoadTimes()
+            runner, manifest = open_runner(self.settings.artifacts, times)
+            started = time.perf_counter()
+            self.tokenizer = AutoTokenizer.from_pretrained(self.settings.artifacts / "tokenizer")
+            times.measure("load_tokenizer", started)
+            started = time.perf_counter()
+            warm_up(runner)
+            times.measure("warm_up", started)
+            config = ModelConfig.from_dict(manifest.model_config)
+            self.eos_ids = frozenset(stop_ids(self.tokenizer, config.eos_token_ids))
+            self.limits = Limits(runner.max_seq_len, config.vocab_size, self.settings.max_tokens_default)
+            self.source = manifest.source.get("spec", "")
+            self.engine = Engine(runner, self.metrics, self.settings.max_waiting).start()
+            for phase, seconds in times.phases.items():
+                self.metrics.cold_start.labels(self.settings.model_name, phase).set(seconds)
+            self.state = "ready"
+            log.info("model %s ready: %s", self.settings.model_name, {k: round(v, 3) for k, v in times.phases.items()})
+        except Exception as error:  # reported by /health and /ping; the worker stays up to say so
+            log.exception("loading %s failed", self.settings.artifacts)
+            self.error = f"{type(error).__name__}: {error}"
+            self.state = "failed"
+
+
+def warm_up(runner) -> None:
+    """Run every graph once, so the first requests do not pay for first-call set-up; then forget
+    the warm-up in the padding statistics."""
+    largest = runner.context_buckets[-1]
+    for bucket in runner.context_buckets:
+        runner.prefill([0] * bucket, slot=0)
+    if largest < runner.max_seq_len - 1:
+        runner.prefill([0] * (largest + 1), slot=0)  # the chunk graph
+    for kv_len in runner.token_buckets:
+        runner.decode([0] * runner.batch_size, [kv_len - 1] + [0] * (runner.batch_size - 1))
+    runner.usage.real.clear()
+    runner.usage.padded.clear()
