@@ -83,7 +83,8 @@ def open_rank_runner(directory: Path, manifest: ArtifactManifest, rank: int, tim
     shapes = manifest.recipe["shapes"]
     tp = TensorParallel(manifest.recipe["target"]["tp_degree"], rank)
     config = ModelConfig.from_dict(manifest.model_config)
-    model = model_from_state_dict(config, rank_weights(directory, manifest, rank), shapes["max_seq_len"], tp)
+    kernels = frozenset(manifest.recipe["kernels"]["enabled"])
+    model = model_from_state_dict(config, rank_weights(directory, manifest, rank), shapes["max_seq_len"], tp, kernels)
     times.measure("load_graphs", started)
     return EagerRunner(model, shapes["batch_size"], shapes["context_buckets"], shapes["token_buckets"])
 
@@ -96,6 +97,10 @@ def open_runner(directory: str | Path, times: LoadTimes | None = None) -> tuple[
     manifest = read_manifest(directory)
     verify_files(directory, manifest)
     times.measure("verify_checksums", started)
+    if manifest.recipe["target"]["kind"] == "neuron":  # NxD runs every rank from this one process
+        from neuron_serve.neuron.runner import NeuronRunner
+
+        return NeuronRunner(directory, manifest, times), manifest
     if manifest.recipe["target"]["tp_degree"] > 1:
         from neuron_serve.tp import TensorParallelRunner
 

@@ -134,10 +134,9 @@ def graph_cache_fields(recipe: Recipe, config: ModelConfig, spec: GraphSpec) -> 
 
 def _compile_graphs(cache, recipe, config, weights_entry, staging, console) -> list[GraphRecord]:
     if recipe.target.kind == "neuron":
-        from neuron_serve.neuron.backend import require_sdk
+        from neuron_serve.neuron.compile import compile_for_neuron
 
-        require_sdk()
-        raise NotImplementedError("compiling for neuron is wired in neuron_serve/neuron/compile.py")
+        return compile_for_neuron(recipe, config, staging)
     if recipe.compiler.cpu_mode == "eager":
         return []
     shapes = recipe.shapes
@@ -185,7 +184,8 @@ def _tracing_model(recipe: Recipe, config: ModelConfig, weights_entry: Path):
     """Rank 0's model: graphs are the same code on every rank, only the weights differ."""
     state = load_file(weights_entry / "weights" / "rank0.safetensors")
     tp = TensorParallel(recipe.target.tp_degree, 0)
-    return model_from_state_dict(config, state, recipe.shapes.max_seq_len, tp)
+    kernels = frozenset(recipe.kernels.enabled)
+    return model_from_state_dict(config, state, recipe.shapes.max_seq_len, tp, kernels)
 
 
 def _compile_entry(cache: CompileCache, model, spec: GraphSpec, batch_size: int, key: str) -> Path:

@@ -2,6 +2,8 @@
 
 Between decode steps, waiting requests take free slots (one prefill each); every decode step then
 advances all busy slots by one token. A finished or cancelled request frees its slot at once.
+Greedy rows take one batched argmax; the others are sampled per request, or all at once by the fused
+sampling kernel when the artifact's recipe enables it.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ import time
 
 import torch
 
+import nki_kernels
 from neuron_serve.metrics import Metrics
 from neuron_serve.runner import Runner
 from neuron_serve.sampler import apply_penalties, sample_row
 from neuron_serve.sequence import Sequence
+from nki_kernels.tiles import MAX_CANDIDATES
 
 log = logging.getLogger("neuron_serve.engine")
 
@@ -26,10 +30,12 @@ class QueueFullError(RuntimeError):
 
 
 class Engine:
-    def __init__(self, runner: Runner, metrics: Metrics, max_waiting: int):
+    def __init__(self, runner: Runner, metrics: Metrics, max_waiting: int, kernels: frozenset[str] = frozenset()):
+        """`kernels`: the artifact recipe's enabled kernels; the engine uses "sampling"."""
         self.runner = runner
         self.metrics = metrics
         self.max_waiting = max_waiting
+        self.fused_sampling = "sampling" in kernels
         self.slots: list[Sequence | None] = [None] * runner.batch_size
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.condition = threading.Condition()
@@ -103,7 +109,7 @@ class Engine:
         self.metrics.forward_time(elapsed)
         self.metrics.prefill_time.observe(elapsed)
         self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
-        self._sample_and_append(seq, logits)
+        self._append(seq, self._sample([seq], logits.unsqueeze(0))[0])
 
     def _decode_step(self) -> None:
         active = [s for s in self.slots if s is not None]
@@ -113,19 +119,31 @@ class Engine:
         logits = self.runner.decode(tokens, positions, active=len(active))
         self.metrics.forward_time(time.perf_counter() - started)
         self.metrics.occupancy.observe(len(active) / len(self.slots))
-        greedy = logits.argmax(dim=-1)
-        for seq in active:
-            self._sample_and_append(seq, logits[seq.slot], greedy[seq.slot])
+        sampled = self._sample(active, logits[[seq.slot for seq in active]])
+        for seq, token in zip(active, sampled, strict=True):
+            self._append(seq, token)
 
-    def _sample_and_append(self, seq: Sequence, logits: torch.Tensor, greedy: torch.Tensor | None = None) -> None:
-        params = seq.params
-        penalised = params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
-        if params.greedy and not penalised and greedy is not None:
-            token = int(greedy)
-        else:
-            logits = logits.clone()
-            apply_penalties(logits, params, seq.prompt_ids, seq.output_ids)
-            token = sample_row(logits, params, seq.generator)
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """One token per sequence from its row of `logits` [len(seqs), vocab]."""
+        tokens = logits.argmax(dim=-1).tolist()
+        rows = [i for i, seq in enumerate(seqs) if not seq.params.greedy or _penalised(seq)]
+        if not rows:
+            return tokens
+        picked = [seqs[i] for i in rows]
+        rows_logits = logits[rows]  # a copy (indexed by a list): the penalties change it in place
+        for row, seq in zip(rows_logits, picked, strict=True):
+            apply_penalties(row, seq.params, seq.prompt_ids, seq.output_ids)
+        fused = [i for i, seq in enumerate(picked) if self.fused_sampling and _fused_is_exact(seq)]
+        if fused:
+            drawn = _sample_fused([picked[i] for i in fused], rows_logits[fused])
+            for i, token in zip(fused, drawn, strict=True):
+                tokens[rows[i]] = token
+        for i, seq in enumerate(picked):
+            if i not in fused:
+                tokens[rows[i]] = sample_row(rows_logits[i], seq.params, seq.generator)
+        return tokens
+
+    def _append(self, seq: Sequence, token: int) -> None:
         now = time.perf_counter()
         if seq.first_token_at is None:
             seq.first_token_at = now
@@ -168,3 +186,32 @@ class Engine:
             if padded != last_padded:
                 self.metrics.bucket_usage(bucket, real - last_real, padded - last_padded)
                 self._usage_reported[bucket] = (real, padded)
+
+
+def _penalised(seq: Sequence) -> bool:
+    params = seq.params
+    return params.repetition_penalty != 1.0 or bool(params.presence_penalty or params.frequency_penalty)
+
+
+def _fused_is_exact(seq: Sequence) -> bool:
+    """The kernel keeps at most MAX_CANDIDATES tokens after top-k/top-p (as NxD Inference's on-device
+    sampling does); a request whose filter could keep more is sampled exactly, per row."""
+    params = seq.params
+    if params.top_p < 1.0:
+        return 0 < params.top_k <= MAX_CANDIDATES
+    return params.top_k <= MAX_CANDIDATES
+
+
+def _sample_fused(seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+    """The sampling kernel over all rows at once. Each row's uniform comes from its own request's
+    generator, one per token, so a seeded request draws the same numbers alone or batched."""
+    params = [seq.params for seq in seqs]
+    uniform = torch.cat([torch.rand(1, generator=seq.generator, dtype=torch.float64) for seq in seqs])
+    ids = nki_kernels.sample(
+        logits,
+        torch.tensor([p.temperature for p in params]),
+        torch.tensor([p.top_k for p in params]),
+        torch.tensor([p.top_p for p in params], dtype=torch.float64),
+        uniform,
+    )
+    return ids.tolist()

@@ -7,6 +7,7 @@ graph the same tensors at load time, so an artifact holds one copy of the weight
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,7 +78,9 @@ def graph_module(model: LlamaModel, spec: GraphSpec, batch_size: int) -> tuple[n
 
 def compile_graph(model: LlamaModel, spec: GraphSpec, batch_size: int, package_path: Path) -> Path:
     module, inputs = graph_module(model, spec, batch_size)
-    with torch.no_grad(), _fake_process_group(model.tp.degree):
+    with torch.no_grad(), _fake_process_group(model.tp.degree), warnings.catch_warnings():
+        # torch 2.13's own pytree code warns about its own deprecated LeafSpec check while packaging.
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         exported = torch.export.export(module, inputs)
         path = torch._inductor.aoti_compile_and_package(
             exported, package_path=str(package_path), inductor_configs=AOTI_CONFIG

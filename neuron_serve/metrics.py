@@ -60,6 +60,8 @@ class Metrics:
         self._busy_s = 0.0
         self._window_start = time.perf_counter()
         self._padding_totals: dict[str, tuple[int, int]] = {}
+        # On neuron, neuron-monitor's neuroncore_utilization sets the occupancy instead.
+        self.occupancy_from_forward_time = True
 
     def bucket_usage(self, bucket: str, real: int, padded: int) -> None:
         self.bucket_real.labels(self.model_name, bucket).inc(real)
@@ -73,7 +75,7 @@ class Metrics:
         """Accumulate forward-pass time; publish busy/wall over windows of at least 2 s."""
         self._busy_s += seconds
         now = time.perf_counter()
-        if now - self._window_start >= 2.0:
+        if self.occupancy_from_forward_time and now - self._window_start >= 2.0:
             self.accelerator_occupancy.set(min(1.0, self._busy_s / (now - self._window_start)))
             self._busy_s, self._window_start = 0.0, now
 

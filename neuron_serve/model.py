@@ -6,6 +6,9 @@ the caller stores them (`store_prompt_kv`, `store_decode_kv`). Graphs traced fro
 pure functions: one cache and one copy of the weights serve every bucket's graph, and no compiler
 has to turn an in-place write into a copy of the whole cache. q/k/v/o and gate/up/down stay separate
 linear layers: the tensor-parallel split shards them column- or row-wise (see ``sharding.py``).
+
+`kernels` names the fused kernels of ``nki_kernels`` to use in place of the plain ops (a recipe's
+``[kernels] enabled``); with none, the forwards are plain PyTorch ops. "sampling" is the engine's.
 """
 
 from __future__ import annotations
@@ -14,30 +17,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import nki_kernels
 from neuron_serve.config import ModelConfig
 from neuron_serve.parallel import TensorParallel
 from neuron_serve.rope import apply_rope, rope_tables
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float):
+    def __init__(self, size: int, eps: float, fused: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.fused = fused  # the rmsnorm_residual kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
 
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normed, new_residual): a sublayer's output `x` added to the residual stream (None before
+        the first sublayer: the stream is `x` itself), and the new stream normed."""
+        if self.fused:
+            return nki_kernels.rmsnorm_residual(x, residual, self.weight, self.eps)
+        stream = x if residual is None else x + residual
+        return self(stream), stream
+
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, tp: TensorParallel):
+    def __init__(self, config: ModelConfig, tp: TensorParallel, fused_qkv: bool = False):
         super().__init__()
         hd = config.head_dim
         self.head_dim = hd
         self.n_heads = config.num_attention_heads // tp.degree
         self.n_kv_heads = tp.local_kv_heads(config.num_key_value_heads)
         self.tp = tp
+        self.fused_qkv = fused_qkv  # the qkv_rope kernel
         self.q_proj = nn.Linear(config.hidden_size, self.n_heads * hd, bias=config.qkv_bias)
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * hd, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * hd, bias=config.qkv_bias)
@@ -46,10 +60,30 @@ class Attention(nn.Module):
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [B, T, H] -> q [B, T, heads, hd], k and v [B, T, kv_heads, hd], RoPE applied to q and k."""
         b, t, _ = x.shape
+        if self.fused_qkv:
+            return self._project_fused(x, cos, sin)
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _project_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        b, t, h = x.shape
+        hd = self.head_dim
+        q, k, v = nki_kernels.qkv_rope(
+            x.reshape(b * t, h),
+            self.q_proj.weight,
+            self.k_proj.weight,
+            self.v_proj.weight,
+            self.q_proj.bias,
+            self.k_proj.bias,
+            self.v_proj.bias,
+            cos.reshape(b * t, hd),
+            sin.reshape(b * t, hd),
+            self.n_heads,
+            self.n_kv_heads,
+        )
+        return q.view(b, t, self.n_heads, hd), k.view(b, t, self.n_kv_heads, hd), v.view(b, t, self.n_kv_heads, hd)
 
     def attend_prompt(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor):
         """q [1, T, heads, hd]; keys/values [1, kv_heads, Lk, hd]; mask from `prompt_mask`. The
@@ -61,6 +95,14 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         out = out.view(b, self.n_kv_heads, group, t, hd).permute(0, 3, 1, 2, 4).reshape(b, t, -1)
         return self.tp.all_reduce(self.o_proj(out))
+
+    def attend_causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """`attend_prompt` for a prompt from position 0 with the prefill_attention kernel: q [1, T,
+        heads, hd], k/v [1, T, kv_heads, hd] (the prompt's own); query i sees keys 0..i."""
+        _, t, _, hd = q.shape
+        q, k, v = (x[0].transpose(0, 1) for x in (q, k, v))  # heads first: [heads, T, hd]
+        out = nki_kernels.prefill_attention(q, k, v, 0, hd**-0.5)
+        return self.tp.all_reduce(self.o_proj(out.transpose(0, 1).reshape(1, t, -1)))
 
     def attend_decode(self, q, k, v, k_cache: torch.Tensor, v_cache: torch.Tensor, bias: torch.Tensor):
         """One query per slot. q [S, 1, heads, hd]; k/v [S, 1, kv_heads, hd] (this step's, not yet
@@ -76,6 +118,22 @@ class Attention(nn.Module):
         out = torch.matmul(probs[..., :lk], v_cache) + probs[..., lk:] * v.view(s, self.n_kv_heads, 1, hd)
         return self.tp.all_reduce(self.o_proj(out.reshape(s, 1, -1)))
 
+    def attend_decode_fused(self, q, k, v, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor):
+        """`attend_decode` with the decode_attention kernel: it attends each slot's cached keys
+        0..position-1 and returns their log-sum-exp, and this step's own key (not in the cache yet)
+        is merged in as one more flash-decoding block. That block's softmax weight against the
+        cached ones is e^own / (e^lse + e^own) = sigmoid(own - lse): 1 for a slot at position 0
+        (lse = -inf, no cached keys), whose output is then its own value."""
+        s, _, _, hd = q.shape
+        scale = hd**-0.5
+        cached, lse = nki_kernels.decode_attention(q[:, 0], k_cache, v_cache, positions, scale, return_lse=True)
+        q = q.view(s, self.n_kv_heads, -1, hd).float()
+        own = (q * k.view(s, self.n_kv_heads, 1, hd).float()).sum(-1) * scale  # [S, kv_heads, group]
+        weight = torch.sigmoid(own.reshape(s, -1) - lse).unsqueeze(-1)  # [S, heads, 1]
+        own_value = v.view(s, self.n_kv_heads, 1, hd).expand(-1, -1, q.shape[2], -1).reshape(s, -1, hd)
+        out = torch.lerp(cached.float(), own_value.float(), weight).to(v.dtype)
+        return self.tp.all_reduce(self.o_proj(out.reshape(s, 1, -1)))
+
 
 def prompt_mask(visible: torch.Tensor, group: int) -> torch.Tensor:
     """visible [T, Lk] (True = key visible to query) -> SDPA mask [1, 1, group*T, Lk] for folded heads."""
@@ -86,48 +144,72 @@ def decode_bias(positions: torch.Tensor, kv_len: int, dtype: torch.dtype) -> tor
     """Additive mask [S, 1, 1, kv_len]: 0 for cache positions before each slot's position, -inf from it on."""
     key_pos = torch.arange(kv_len, device=positions.device)
     hidden = key_pos.unsqueeze(0) >= positions.unsqueeze(1)
-    return torch.zeros(hidden.shape, dtype=dtype).masked_fill(hidden, float("-inf")).view(-1, 1, 1, kv_len)
+    return (
+        torch.zeros(hidden.shape, dtype=dtype, device=positions.device)
+        .masked_fill(hidden, float("-inf"))
+        .view(-1, 1, 1, kv_len)
+    )
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, tp: TensorParallel):
+    def __init__(self, config: ModelConfig, tp: TensorParallel, fused: bool = False):
         super().__init__()
         inter = config.intermediate_size // tp.degree
         self.gate_proj = nn.Linear(config.hidden_size, inter, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, inter, bias=False)
         self.down_proj = nn.Linear(inter, config.hidden_size, bias=False)
         self.tp = tp
+        self.fused = fused  # the swiglu_mlp kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+        if self.fused:
+            weights = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+            out = nki_kernels.swiglu_mlp(x.reshape(-1, x.shape[-1]), *weights).view(x.shape)
+        else:
+            out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.tp.all_reduce(out)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, tp: TensorParallel):
+    def __init__(self, config: ModelConfig, tp: TensorParallel, kernels: frozenset[str]):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, tp)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config, tp)
+        fused_norm = "rmsnorm_residual" in kernels
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused_norm)
+        self.self_attn = Attention(config, tp, "qkv_rope" in kernels)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused_norm)
+        self.mlp = MLP(config, tp, "swiglu_mlp" in kernels)
 
 
 class LlamaModel(nn.Module):
     """Parameter names follow Hugging Face's ``LlamaForCausalLM`` without the ``model.`` prefix."""
 
-    def __init__(self, config: ModelConfig, max_seq_len: int, tp: TensorParallel | None = None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        max_seq_len: int,
+        tp: TensorParallel | None = None,
+        kernels: frozenset[str] = frozenset(),
+    ):
         super().__init__()
+        unknown = set(kernels) - set(nki_kernels.KERNELS)
+        if unknown:
+            raise ValueError(f"unknown kernels {sorted(unknown)}; known: {', '.join(nki_kernels.KERNELS)}")
         self.config = config
         self.max_seq_len = max_seq_len
         self.tp = tp or TensorParallel()
+        self.kernels = frozenset(kernels)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, self.tp) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, self.tp, self.kernels) for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, "rmsnorm_residual" in self.kernels)
         # Embeddings and lm_head are replicated on every rank: sampling then needs no all-gather of
         # the logits, and for the models served here their size is small next to the layers.
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.group = config.num_attention_heads // config.num_key_value_heads
+        attention = self.layers[0].self_attn  # per rank: KV heads may be replicated under TP
+        self.group = attention.n_heads // attention.n_kv_heads
         cos, sin = rope_tables(config, max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -145,13 +227,19 @@ class LlamaModel(nn.Module):
         cos = self.rope_cos[positions].to(x.dtype)
         sin = self.rope_sin[positions].to(x.dtype)
         new_keys, new_values = [], []
+        # Each sublayer's output joins the residual stream in the norm that follows it, so the add
+        # and the norm can be one kernel (rmsnorm_residual); the stream starts as the embeddings.
+        out, residual = x, None
         for i, layer in enumerate(self.layers):
-            q, k, v = layer.self_attn.project(layer.input_layernorm(x), cos, sin)
+            normed, residual = layer.input_layernorm.add_and_norm(out, residual)
+            q, k, v = layer.self_attn.project(normed, cos, sin)
             new_keys.append(k)
             new_values.append(v)
-            x = x + attend(i, layer.self_attn, q, k, v)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.norm(x), torch.stack(new_keys), torch.stack(new_values)
+            out = attend(i, layer.self_attn, q, k, v)
+            normed, residual = layer.post_attention_layernorm.add_and_norm(out, residual)
+            out = layer.mlp(normed)
+        hidden, _ = self.norm.add_and_norm(out, residual)
+        return hidden, torch.stack(new_keys), torch.stack(new_values)
 
     def prefill(self, tokens: torch.Tensor, last_index: torch.Tensor):
         """A prompt from position 0: tokens [1, T] (padded at the end), last_index [1] the position of
@@ -159,18 +247,29 @@ class LlamaModel(nn.Module):
         kv_heads, hd])."""
         t = tokens.shape[1]
         positions = torch.arange(t, device=tokens.device).unsqueeze(0)
-        mask = prompt_mask(torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril(), self.group)
+        if "prefill_attention" in self.kernels:
 
-        def attend(i, attention, q, k, v):
-            return attention.attend_prompt(q, k.transpose(1, 2), v.transpose(1, 2), mask)
+            def attend(i, attention, q, k, v):
+                return attention.attend_causal(q, k, v)
+
+        else:
+            mask = prompt_mask(torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril(), self.group)
+
+            def attend(i, attention, q, k, v):
+                return attention.attend_prompt(q, k.transpose(1, 2), v.transpose(1, 2), mask)
 
         hidden, keys, values = self._run_layers(self.embed_tokens(tokens), positions, attend)
-        return self.lm_head(hidden[:, last_index[0]]), keys, values
+        return self.lm_head(hidden.index_select(1, last_index)[:, 0]), keys, values
 
     def prefill_chunk(self, tokens, start, last_index, k_row: torch.Tensor, v_row: torch.Tensor):
         """A chunk of a long prompt at positions start..start+T-1 of a slot whose cache row
         (k_row/v_row [layers, kv_heads, max_seq_len, hd]) holds the first `start` tokens. Returns
-        what `prefill` returns."""
+        what `prefill` returns.
+
+        Always SDPA, even with the prefill_attention kernel: the kernel sees contiguous keys
+        j <= q_offset + i, while here the keys are the whole cache row (valid up to `start`) followed
+        by the chunk's own, so they would have to be k_row[:start] + the chunk: a shape that depends
+        on the value of `start`, which a static-shape graph cannot have."""
         t = tokens.shape[1]
         offsets = torch.arange(t, device=tokens.device)
         positions = (start + offsets).clamp(max=self.max_seq_len - 1).unsqueeze(0)
@@ -184,16 +283,23 @@ class LlamaModel(nn.Module):
             return attention.attend_prompt(q, keys, values, mask)
 
         hidden, keys, values = self._run_layers(self.embed_tokens(tokens), positions, attend)
-        return self.lm_head(hidden[:, last_index[0]]), keys, values
+        return self.lm_head(hidden.index_select(1, last_index)[:, 0]), keys, values
 
     def decode(self, tokens, positions, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: int):
         """One token for every slot: tokens [S], positions [S] (each slot's own). Attention reads the
         first `kv_len` positions of the cache (the token-generation bucket) and this step's own key.
         Returns (logits [S, vocab], keys, values [layers, S, 1, kv_heads, hd])."""
-        bias = decode_bias(positions, kv_len, self.embed_tokens.weight.dtype)
+        if "decode_attention" in self.kernels:
 
-        def attend(i, attention, q, k, v):
-            return attention.attend_decode(q, k, v, k_cache[i, :, :, :kv_len], v_cache[i, :, :, :kv_len], bias)
+            def attend(i, attention, q, k, v):
+                cache = k_cache[i, :, :, :kv_len], v_cache[i, :, :, :kv_len]
+                return attention.attend_decode_fused(q, k, v, *cache, positions)
+
+        else:
+            bias = decode_bias(positions, kv_len, self.embed_tokens.weight.dtype)
+
+            def attend(i, attention, q, k, v):
+                return attention.attend_decode(q, k, v, k_cache[i, :, :, :kv_len], v_cache[i, :, :, :kv_len], bias)
 
         hidden, keys, values = self._run_layers(self.embed_tokens(tokens).unsqueeze(1), positions.unsqueeze(1), attend)
         return self.lm_head(hidden[:, 0]), keys, values

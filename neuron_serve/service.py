@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -65,7 +66,13 @@ class ModelService:
             self.eos_ids = frozenset(stop_ids(self.tokenizer, config.eos_token_ids))
             self.limits = Limits(runner.max_seq_len, config.vocab_size, self.settings.max_tokens_default)
             self.source = manifest.source.get("spec", "")
-            self.engine = Engine(runner, self.metrics, self.settings.max_waiting).start()
+            kernels = frozenset(manifest.recipe["kernels"]["enabled"])
+            self.engine = Engine(runner, self.metrics, self.settings.max_waiting, kernels).start()
+            if manifest.recipe["target"]["kind"] == "neuron":
+                from neuron_serve.neuron.occupancy import watch_monitor
+
+                self.metrics.occupancy_from_forward_time = False
+                watch_monitor(self.metrics.accelerator_occupancy.set, os.environ.get("NEURON_RT_VISIBLE_CORES", "0"))
             for phase, seconds in times.phases.items():
                 self.metrics.cold_start.labels(self.settings.model_name, phase).set(seconds)
             self.state = "ready"

@@ -92,10 +92,12 @@ def model_from_state_dict(
     state_dict: dict[str, torch.Tensor],
     max_seq_len: int,
     tp: TensorParallel | None = None,
+    kernels: frozenset[str] = frozenset(),
 ) -> LlamaModel:
-    """A model whose parameters are the given tensors themselves (no copy)."""
+    """A model whose parameters are the given tensors themselves (no copy), using the fused
+    `kernels` (names from nki_kernels.KERNELS)."""
     with torch.device("meta"):
-        model = LlamaModel(config, max_seq_len, tp)
+        model = LlamaModel(config, max_seq_len, tp, kernels)
     model.load_state_dict(state_dict, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

@@ -98,10 +98,16 @@ def qkv_rope_cache_write(
 
 
 def decode_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, scale: float
-) -> torch.Tensor:
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """q [S, H, hd]; caches [S, n_kv, L, hd]; slot s attends keys 0..lengths[s]-1 (GQA: head h uses
-    kv head h // (H // n_kv)). A slot of length 0 gets zeros."""
+    kv head h // (H // n_kv)). A slot of length 0 gets zeros. With `return_lse`, also the fp32
+    log-sum-exp [S, H] of each row's visible scaled scores (-inf for a slot of length 0)."""
     S, H, _ = q.shape
     rep = H // k_cache.shape[1]
     k = k_cache.float().repeat_interleave(rep, dim=1)
@@ -110,7 +116,8 @@ def decode_attention(
     visible = torch.arange(k.shape[2]) < lengths[:, None]
     scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an all-masked row is NaN: zeros instead
-    return torch.einsum("shl,shld->shd", probs, v).to(q.dtype)
+    out = torch.einsum("shl,shld->shd", probs, v).to(q.dtype)
+    return (out, torch.logsumexp(scores, dim=-1)) if return_lse else out
 
 
 def prefill_attention(

@@ -70,7 +70,7 @@ def test_default_recipe_values():
     assert (r.shapes.batch_size, r.shapes.max_seq_len) == (8, 2048)
     assert r.shapes.context_buckets == [64, 256, 1024]
     assert r.shapes.token_buckets == [256, 512, 1024, 2048]
-    assert r.compiler.cpu_mode == "aot" and r.kernels.enabled == []
+    assert r.compiler.cpu_mode == "aot" and r.kernels.enabled == ["sampling"]
 
 
 def test_default_recipe_fits_smollm2_heads():

@@ -1,2 +1,4 @@
-"""The Neuron side: compiler flags, core assignment and monitor parsing (pure Python, tested
-everywhere) and the SDK-backed tracing in ``backend`` (imported only where the SDK is installed)."""
+"""The Neuron side. Pure Python, tested everywhere: compiler flags, core assignment, neuron-monitor
+parsing. Needing the SDK only where they run (and imported lazily): ``backend`` (ModelBuilder trace,
+save, load), ``parallel_model`` (the model with NxD parallel layers), ``neuron_graphs`` (the graphs'
+calling convention), ``compile`` (a recipe's graphs into an artifact) and ``runner`` (NeuronRunner)."""

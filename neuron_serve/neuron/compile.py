@@ -52,13 +52,11 @@ def graph_factory(
 ) -> Callable[[str], nn.Module]:
     """``factory(name)`` builds graph ``name``'s module. ModelBuilder calls it inside its mocked TP
     world, where the default (neuronx-distributed) layers find their TP size."""
-    specs = recipe_graphs(recipe)
-    dtype = DTYPES[recipe.model.dtype]
+    specs, dtype, kernels = recipe_graphs(recipe), DTYPES[recipe.model.dtype], frozenset(recipe.kernels.enabled)
 
     def factory(name: str) -> nn.Module:
-        model = build_parallel_model(
-            config, recipe.shapes.max_seq_len, recipe.target.tp_degree, dtype, column_cls, row_cls
-        )
+        shapes, degree = recipe.shapes, recipe.target.tp_degree
+        model = build_parallel_model(config, shapes.max_seq_len, degree, dtype, column_cls, row_cls, kernels)
         return neuron_graph(model, specs[name])
 
     return factory

@@ -115,10 +115,11 @@ def build_parallel_model(
     dtype: torch.dtype,
     column_cls: LayerFactory | None = None,
     row_cls: LayerFactory | None = None,
+    kernels: frozenset[str] = frozenset(),
 ) -> LlamaModel:
-    """The model as one NeuronCore of a TP group of ``degree`` sees it (weights are placeholders:
-    ModelBuilder traces without them and the runner supplies each rank's shard at load)."""
-    model = LlamaModel(config, max_seq_len, LayerReducedTensorParallel(degree, 0)).to(dtype)
+    """The model as one NeuronCore of a TP group of ``degree`` sees it, using the fused ``kernels``
+    (weights are placeholders: ModelBuilder traces without them, the runner gives each rank its shard)."""
+    model = LlamaModel(config, max_seq_len, LayerReducedTensorParallel(degree, 0), kernels).to(dtype)
     # RoPE tables stay float32, as on the CPU path (`_run_layers` casts after indexing them).
     model.rope_cos, model.rope_sin = rope_tables(config, max_seq_len)
     return to_parallel_layers(model, column_cls, row_cls).eval()

@@ -9,12 +9,14 @@ on the host. Every decode step sends ``kv_len`` positions of the cache of every 
 gets this step's keys and values back; a prefill chunk sends its slot's whole cache row. That traffic
 grows with batch size x context length and dominates decode latency for long contexts.
 
-Follow-up, not built here -- a device-resident KV cache: make the cache a state buffer of the traced
-module (an ``nn.Parameter`` per rank, created on the device by NxD's StateInitializer) and mark it in
-``input_output_aliases`` (`backend.compile_graphs`' ``state_aliases``), so that each graph writes its
-new keys and values into the cache in place, as NxD Inference's KV cache manager does. The graphs then
-take only token ids and positions, return only logits, and the host stores no KV at all; the forwards
-in ``model.py`` would gain the in-place cache update that they now leave to the caller.
+Follow-up, not built here -- a device-resident KV cache, as NxD Inference's KVCacheManager keeps it:
+the cache becomes state of the traced module (one ``nn.Parameter`` per layer for K and one for V, each
+``[slots, kv_heads_per_rank, max_seq_len, head_dim]``, allocated on each rank's core by NxD's
+StateInitializer), every graph returns the scatter-updated cache, and ``input_output_aliases``
+(`backend.compile_graphs`' ``state_aliases``) maps those outputs onto the parameters, so the update
+happens in place on the device. The graphs then take token ids and positions, return only logits, and
+the host holds no KV at all; the forwards in ``model.py`` would gain the cache write that they now
+leave to the caller, and the per-rank head selection and gathers in ``neuron_graphs.py`` would go.
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@ def decode_attention(
     lengths: torch.Tensor,
     scale: float,
     block_size: int = DECODE_BLOCK,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """q [S, n_heads, hd]; caches [S, n_kv, L, hd]; lengths [S] int64 -> [S, n_heads, hd].
 
     Slot s attends keys 0..lengths[s]-1 (a slot of length 0 gets zeros). Flash-decoding: the L keys
@@ -47,6 +48,10 @@ def decode_attention(
     (max m_b, sum l_b, unnormalised output o_b), and the partials merge in block order:
     M = max_b m_b, out = sum_b e^(m_b - M) o_b / sum_b e^(m_b - M) l_b.
     Cache entries at or beyond a slot's length must be finite (zeros or stale values, never NaN).
+
+    With `return_lse`, also returns the fp32 log-sum-exp of each (slot, head)'s scaled scores,
+    lse [S, n_heads] = M + log(sum_b e^(m_b - M) l_b) (-inf for a slot of length 0), so that a caller
+    can merge further keys into the result (the flash-decoding merge once more).
     """
     S, H, D = q.shape
     g, L = k_cache.shape[1], k_cache.shape[2]
@@ -67,11 +72,16 @@ def decode_attention(
     m = torch.cat([p[0] for p in partials], dim=-1)
     sums = torch.cat([p[1] for p in partials], dim=-1)
     o = torch.cat([p[2] for p in partials], dim=2)
-    weight = torch.exp(m - m.amax(dim=-1, keepdim=True))  # [S, g, r, blocks]
+    m_max = m.amax(dim=-1, keepdim=True)
+    weight = torch.exp(m - m_max)  # [S, g, r, blocks]
     total = (weight * sums).sum(dim=-1)
     out = (o * weight.permute(0, 1, 3, 2)[..., None]).sum(dim=2) / total[..., None]
     out = torch.where((lengths > 0).view(S, 1, 1, 1), out, 0.0)  # an empty slot is 0 / 0 above
-    return out.reshape(S, H, D).to(q.dtype)
+    out = out.reshape(S, H, D).to(q.dtype)
+    if not return_lse:
+        return out
+    # An empty slot has total = 0 (every block wholly masked), so its lse is NEG + log(0) = -inf.
+    return out, (m_max[..., 0] + torch.log(total)).reshape(S, H)
 
 
 def prefill_attention(

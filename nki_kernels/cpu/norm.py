@@ -15,7 +15,8 @@ def rmsnorm_residual(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(normed, new_residual): new_residual = x + residual (x when residual is None), in x.dtype;
-    normed = RMSNorm(new_residual) * weight computed in fp32, returned in x.dtype. x: [T, H]."""
+    normed = RMSNorm(new_residual) * weight computed in fp32, returned in x.dtype. x: [T, H] (or any
+    leading dims: rows are independent; the NKI kernel takes [T, H])."""
     new_residual = x if residual is None else x + residual
     # torch's rms_norm is one fused pass over each row on the CPU (x * rsqrt(mean(x^2) + eps) * w).
     normed = F.rms_norm(new_residual.float(), (x.shape[-1],), weight.float(), eps)

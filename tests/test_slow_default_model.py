@@ -1,0 +1,73 @@
+"""The slow suite: the real default model compiled, served and loaded (python -m pytest -m slow)."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+from conftest import REPO, ServerHandle
+
+from neuron_serve.aot import open_runner
+from neuron_serve.compiler import compile_recipe
+from neuron_serve.recipe import load_recipe
+from neuron_serve.runner import EagerRunner
+from neuron_serve.weights import build_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def default_artifacts(tmp_path_factory):
+    recipe = load_recipe(REPO / "compile" / "smollm2-135m-cpu.toml")
+    return compile_recipe(recipe, tmp_path_factory.mktemp("default") / recipe.name).out_dir
+
+
+def test_default_aot_graphs_match_eager(default_artifacts, default_loaded):
+    aot, manifest = open_runner(default_artifacts)
+    shapes = manifest.recipe["shapes"]
+    eager = EagerRunner(
+        build_model(default_loaded, shapes["max_seq_len"]),
+        shapes["batch_size"],
+        shapes["context_buckets"],
+        shapes["token_buckets"],
+    )
+    text = "The history of the Roman Empire is long and full of emperors, wars and roads. " * 30
+    ids = default_loaded.tokenizer.encode(text)
+    for slot, length in enumerate((10, 200, 900, 1500)):  # every context bucket, and the chunk graph
+        assert (aot.prefill(ids[:length], slot) - eager.prefill(ids[:length], slot)).abs().max() < 1e-3
+    for positions in ([10, 200, 0, 0, 0, 0, 0, 0], [10, 200, 900, 1500, 0, 0, 0, 0]):
+        tokens = [ids[p] for p in positions]
+        assert (aot.decode(tokens, positions) - eager.decode(tokens, positions)).abs().max() < 1e-3
+
+
+def test_default_model_served_answers_and_handles_32_streams(default_artifacts):
+    server = ServerHandle(default_artifacts, "--max-waiting", "64")
+    try:
+        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+        model = "smollm2-135m-cpu"
+        answer = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=24,
+            temperature=0,
+        )
+        assert "Paris" in answer.choices[0].message.content
+
+        def stream(i: int) -> int:
+            chunks = list(
+                client.completions.create(
+                    model=model,
+                    prompt=f"Story {i}: once upon a time",
+                    max_tokens=32,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    extra_body={"ignore_eos": True},
+                )
+            )
+            return chunks[-1].usage.completion_tokens
+
+        with ThreadPoolExecutor(32) as pool:
+            assert list(pool.map(stream, range(32))) == [32] * 32
+    finally:
+        server.stop()
