@@ -1,6 +1,6 @@
 """Decode throughput of the default model against this machine's roofline (eager PyTorch, fp32).
 
-    python benchmarks/decode.py [--batches 1,8,16,32] [--steps 32] [--kv-len 256] [--baseline]
+    python -m benchmarks.decode [--batches 1,8,16,32] [--steps 32] [--kv-len 256] [--baseline]
 
 Batch 1 is bound by memory bandwidth (every weight byte is read once per token); large batches by
 matmul FLOP/s (2 x parameters x batch per step). `--baseline` also times Hugging Face `generate()`

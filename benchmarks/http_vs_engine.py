@@ -73,9 +73,9 @@ def start_server(artifacts: Path) -> tuple[subprocess.Popen, str]:
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
-            if requests.get(f"{url}/health", timeout=1).status_code == 200:
+            if requests.get(f"{url}/health", timeout=10).status_code == 200:
                 return process, url
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # loading: AOTInductor calls hold the GIL
             pass
         time.sleep(0.5)
     raise TimeoutError("the server did not become ready")
