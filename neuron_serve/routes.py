@@ -66,6 +66,15 @@ def openai_response(service: ModelService, chat: bool):
             mimetype="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
+    collected = collect(service, seq, route)
+    if collected is None:
+        return Response(status=499)
+    text, finished = collected
+    return jsonify(shape.full(text, finished.reason) | {"usage": usage(seq)})
+
+
+def collect(service: ModelService, seq: Sequence, route: str) -> tuple[str, Finished] | None:
+    """The whole output of a non-streaming request (None when the client left first)."""
     text, finished = [], None
     for event in events(seq):
         if isinstance(event, Delta):
@@ -73,11 +82,11 @@ def openai_response(service: ModelService, chat: bool):
         else:
             finished = event
     if finished is None:
-        return Response(status=499)
+        return None
     log_request(service, route, seq, finished, 500 if finished.error else 200)
     if finished.error:
         raise APIError(500, finished.error, None, "server_error")
-    return jsonify(shape.full("".join(text), finished.reason) | {"usage": usage(seq)})
+    return "".join(text), finished
 
 
 def openai_stream(service, seq, shape, include_usage: bool, route: str):
@@ -163,18 +172,11 @@ def invocations(service: ModelService):
         sse_format = "text/event-stream" in accept
         mimetype = "text/event-stream" if sse_format else "application/jsonlines"
         return Response(stream_with_context(invocation_stream(service, seq, sse_format, prefix)), mimetype=mimetype)
-    text, finished = [], None
-    for event in events(seq):
-        if isinstance(event, Delta):
-            text.append(event.text)
-        else:
-            finished = event
-    if finished is None:
+    collected = collect(service, seq, "/invocations")
+    if collected is None:
         return Response(status=499)
-    log_request(service, "/invocations", seq, finished, 500 if finished.error else 200)
-    if finished.error:
-        raise APIError(500, finished.error, None, "server_error")
-    result = {"generated_text": prefix + "".join(text)}
+    text, finished = collected
+    result = {"generated_text": prefix + text}
     if parameters.get("details"):
         result["details"] = {
             "finish_reason": finished.reason,
