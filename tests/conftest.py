@@ -107,7 +107,7 @@ class ServerHandle:
             try:
                 if requests.get(f"{self.base_url}/health", timeout=1).status_code == 200:
                     return
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or busy loading
                 pass
             time.sleep(0.2)
         raise TimeoutError(f"server not ready: {self.logs()}")
