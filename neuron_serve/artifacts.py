@@ -81,13 +81,15 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(directory: Path, manifest: ArtifactManifest) -> None:
-    """Checksum every file below `directory` (but the manifest) into the manifest and write it."""
-    manifest.files = {
-        path.relative_to(directory).as_posix(): {"size": path.stat().st_size, "sha256": sha256_file(path)}
-        for path in sorted(directory.rglob("*"))
-        if path.is_file() and path.name != MANIFEST
-    }
+def write_manifest(directory: Path, manifest: ArtifactManifest, known_sha256: dict[str, str] | None = None) -> None:
+    """Checksum every file below `directory` (but the manifest) into the manifest and write it.
+    `known_sha256` gives the digests of files already verified (by relative path), not read again."""
+    known = known_sha256 or {}
+    manifest.files = {}
+    for path in sorted(directory.rglob("*")):
+        name = path.relative_to(directory).as_posix()
+        if path.is_file() and path.name != MANIFEST:
+            manifest.files[name] = {"size": path.stat().st_size, "sha256": known.get(name) or sha256_file(path)}
     (directory / MANIFEST).write_text(manifest.to_json())
 
 

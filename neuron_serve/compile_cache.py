@@ -75,6 +75,10 @@ class CompileCache:
         staging.rename(entry)
         return entry
 
+    def checksums(self, entry: Path) -> dict[str, str]:
+        """SHA-256 of each file of an entry, as verified by `lookup` or taken by `store`."""
+        return json.loads((entry / "entry.json").read_text())["sha256"]
+
     def info(self, entry: Path) -> dict[str, Any]:
         return json.loads((entry / "entry.json").read_text())["info"]
 

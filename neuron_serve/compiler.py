@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import shutil
 import time
@@ -51,14 +52,12 @@ def compile_recipe(recipe: Recipe, out_dir: Path | None = None, console: Console
 
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    weight_files = []
-    for file in sorted(weights_entry.rglob("*")):
-        relative = file.relative_to(weights_entry)
-        if file.is_file() and file.name != "entry.json":
-            link_or_copy(file, staging / relative)
-            if relative.parts[0] == "weights":
-                weight_files.append(relative.as_posix())
-    graphs = _compile_graphs(cache, recipe, config, weights_entry, staging, console)
+    # Files linked from cache entries keep the digests the cache just verified: hashed once, not twice.
+    known_sha256 = cache.checksums(weights_entry)
+    for name in known_sha256:
+        link_or_copy(weights_entry / name, staging / name)
+    weight_files = sorted(name for name in known_sha256 if name.startswith("weights/"))
+    graphs = _compile_graphs(cache, recipe, config, weights_entry, staging, console, known_sha256)
     manifest = ArtifactManifest(
         recipe=recipe.to_dict(),
         model_config=config.to_dict(),
@@ -67,7 +66,7 @@ def compile_recipe(recipe: Recipe, out_dir: Path | None = None, console: Console
         weights=weight_files,
         graphs=graphs,
     )
-    write_manifest(staging, manifest)
+    write_manifest(staging, manifest, known_sha256)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
@@ -101,6 +100,7 @@ def _weights_entry(cache: CompileCache, recipe: Recipe, digest: str, console: Co
     return cache.store("weights", key, staging, {"model_config": loaded.config.to_dict()})
 
 
+@functools.cache
 def traced_code_digest() -> str:
     """The source of everything a graph is traced from: a change to it must miss the cache, even
     before the package version is bumped."""
@@ -132,7 +132,7 @@ def graph_cache_fields(recipe: Recipe, config: ModelConfig, spec: GraphSpec) -> 
     }
 
 
-def _compile_graphs(cache, recipe, config, weights_entry, staging, console) -> list[GraphRecord]:
+def _compile_graphs(cache, recipe, config, weights_entry, staging, console, known_sha256) -> list[GraphRecord]:
     if recipe.target.kind == "neuron":
         from neuron_serve.neuron.compile import compile_for_neuron
 
@@ -163,6 +163,7 @@ def _compile_graphs(cache, recipe, config, weights_entry, staging, console) -> l
                 entry = _compile_entry(cache, model, spec, shapes.batch_size, key)
             info = cache.info(entry)
             link_or_copy(entry / "graph.pt2", staging / "graphs" / f"{spec.name}.pt2")
+            known_sha256[f"graphs/{spec.name}.pt2"] = cache.checksums(entry)["graph.pt2"]
             size = (entry / "graph.pt2").stat().st_size
             records.append(
                 GraphRecord(

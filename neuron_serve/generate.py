@@ -26,10 +26,16 @@ class GenerationStats:
         return (self.output_tokens - 1) / decode_s if self.output_tokens > 1 and decode_s > 0 else 0.0
 
 
+def chat_token_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
+    """The model's chat template applied, ready for the assistant's turn (transformers returns a
+    BatchEncoding or a plain list depending on its version)."""
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, chat: bool) -> list[int]:
     if chat:
-        encoded = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-        return list(encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded)
+        return chat_token_ids(tokenizer, [{"role": "user", "content": text}])
     return tokenizer.encode(text, add_special_tokens=False)
 
 

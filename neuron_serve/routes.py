@@ -8,6 +8,7 @@ import time
 from flask import Flask, Response, jsonify, request, stream_with_context
 
 from neuron_serve.api_params import APIError, reject_unsupported, sampling_params, tgi_to_openai
+from neuron_serve.generate import chat_token_ids
 from neuron_serve.sequence import Delta, Finished, Sequence
 from neuron_serve.server import events, json_body, log_request, new_id, ready_service, sse, submit
 from neuron_serve.service import ModelService
@@ -27,10 +28,9 @@ def chat_prompt(service: ModelService, messages) -> list[int]:
             content = "".join(p.get("text", "") for p in content)
         plain.append({"role": message["role"], "content": content})
     try:
-        encoded = service.tokenizer.apply_chat_template(plain, add_generation_prompt=True)
+        return chat_token_ids(service.tokenizer, plain)
     except Exception as error:  # the model's own template rejects the conversation
         raise APIError(400, f"the chat template rejected the messages: {error}", "messages") from None
-    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 
 def completion_prompt(service: ModelService, prompt) -> list[int]:
@@ -57,7 +57,7 @@ def openai_response(service: ModelService, chat: bool):
     field = "max_completion_tokens" if chat else "max_tokens"
     params = sampling_params(body, len(prompt_ids), service.limits, field)
     seq = submit(service, prompt_ids, params)
-    shape = ChatShape(service, seq) if chat else CompletionShape(service, seq)
+    shape = ChatShape(service) if chat else CompletionShape(service)
     route = "/v1/chat/completions" if chat else "/v1/completions"
     if body.get("stream"):
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -113,7 +113,7 @@ def openai_stream(service, seq, shape, include_usage: bool, route: str):
 class CompletionShape:
     object_name = "text_completion"
 
-    def __init__(self, service: ModelService, seq: Sequence):
+    def __init__(self, service: ModelService):
         self.id = new_id("chatcmpl" if isinstance(self, ChatShape) else "cmpl")
         self.model = service.settings.model_name
         self.created = int(time.time())

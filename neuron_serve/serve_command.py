@@ -22,9 +22,10 @@ from neuron_serve.service import ModelService, ServeSettings
 SAGEMAKER_MODEL_DIR = Path("/opt/ml/model")
 
 
-def resolve_target(target: str | None) -> tuple[Path, Recipe | None]:
+def resolve_target(target: str | None) -> Path:
     """An artifact directory to serve, compiling first when given a recipe (a cache hit when nothing
-    changed). With no target inside a SageMaker container, the model comes from /opt/ml/model."""
+    changed). With no target inside a SageMaker container, the model comes from /opt/ml/model. The
+    artifact's manifest holds the recipe it was compiled from, [serve] settings included."""
     from neuron_serve.compiler import compile_recipe
 
     if target is None:
@@ -32,19 +33,18 @@ def resolve_target(target: str | None) -> tuple[Path, Recipe | None]:
         if not model_dir.exists():
             raise FileNotFoundError("give an artifact directory or a recipe (no SageMaker /opt/ml/model here)")
         if (model_dir / MANIFEST).exists():
-            return model_dir, None
+            return model_dir
         recipes = sorted(model_dir.glob("*.toml"))
         recipe = load_recipe(recipes[0]) if recipes else Recipe(name="sagemaker-model")
         if not recipes:
             recipe.model.source = str(model_dir)
         out = Path(tempfile.gettempdir()) / "neuron-serve-artifacts" / recipe.name
-        return compile_recipe(recipe, out).out_dir, recipe
+        return compile_recipe(recipe, out).out_dir
     path = Path(target)
     if path.suffix == ".toml":
-        recipe = load_recipe(path)
-        return compile_recipe(recipe).out_dir, recipe
+        return compile_recipe(load_recipe(path)).out_dir
     read_manifest(path)  # a clear error now, not in every worker
-    return path, None
+    return path
 
 
 class ServerApplication(BaseApplication):
@@ -104,9 +104,9 @@ def child_exit(server, worker) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    artifacts, recipe = resolve_target(args.target)
+    artifacts = resolve_target(args.target)
     manifest = read_manifest(artifacts)
-    serve_section = (recipe.serve.__dict__ if recipe else None) or manifest.recipe["serve"]
+    serve_section = manifest.recipe["serve"]
     workers = args.workers or serve_section["workers"]
     max_waiting = args.max_waiting or serve_section["max_waiting"]
     settings = ServeSettings(

@@ -106,14 +106,14 @@ def client_gone() -> bool:
         return True
 
 
-def events(seq: Sequence, environ_check=client_gone) -> Iterator[Delta | Finished]:
+def events(seq: Sequence) -> Iterator[Delta | Finished]:
     """The sequence's events as they come; cancels it when the client goes away."""
     try:
         while True:
             try:
                 event = seq.events.get(timeout=0.02)
             except Empty:
-                if environ_check():
+                if client_gone():
                     seq.cancelled.set()
                     return
                 continue
