@@ -16,9 +16,9 @@ from transformers import AutoTokenizer
 
 from neuron_serve.aot import LoadTimes, open_runner
 from neuron_serve.compiler import compile_recipe
+from neuron_serve.forward_process import ForwardProcess
 from neuron_serve.recipe import load_recipe
 from neuron_serve.runner import EagerRunner
-from neuron_serve.service import warm_up
 from neuron_serve.weights import build_model, load_model_files
 
 
@@ -49,17 +49,18 @@ def main() -> None:
     total = sum(f["size"] for f in manifest.files.values())
     print(f"artifact: {total / 1e6:.0f} MB; one copy of the weights: {weights / 1e6:.0f} MB ({total / weights:.2f}x)")
 
-    started = time.perf_counter()
+    started = time.perf_counter()  # as a server worker starts: the forward process loads, this one the tokenizer
     times = LoadTimes()
-    runner, _ = open_runner(result.out_dir, times)
+    forward = ForwardProcess(result.out_dir)
     tokenizer = AutoTokenizer.from_pretrained(result.out_dir / "tokenizer")
-    warm_up(runner)
-    prompt = tokenizer.encode("What is the capital of France?")
-    runner.prefill(prompt, slot=0).argmax()
+    forward.wait_ready(times)
+    forward.prefill(tokenizer.encode("What is the capital of France?"), slot=0).argmax()
     cold = time.perf_counter() - started
+    forward.close()
     phases = ", ".join(f"{k} {v:.2f} s" for k, v in times.phases.items())
-    print(f"cold start (load artifacts to first token): {cold:.2f} s ({phases})")
+    print(f"cold start (start a replica, load the artifacts, first token): {cold:.2f} s ({phases})")
 
+    runner, _ = open_runner(result.out_dir)
     shapes = recipe.shapes
     model = build_model(load_model_files(recipe.model.source, recipe.model.dtype), shapes.max_seq_len)
     eager = EagerRunner(model, shapes.batch_size, shapes.context_buckets, shapes.token_buckets)

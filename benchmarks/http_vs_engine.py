@@ -1,6 +1,6 @@
 """Output tokens/s through HTTP/SSE (a real gunicorn server, measured by `neuron-serve bench`) against
-the engine driven directly in this process, at the same concurrency and workload; plus TTFT and ITL
-percentiles from the HTTP runs.
+the engine driven directly in this process, over a forward process as in a server worker, at the
+same concurrency and workload; plus TTFT and ITL percentiles from the HTTP runs.
 
     python benchmarks/http_vs_engine.py ARTIFACTS [--concurrency 1,8,32] [--input-len 64] [--output-len 64]
 """
@@ -20,12 +20,12 @@ from pathlib import Path
 import requests
 from transformers import AutoTokenizer
 
-from neuron_serve.aot import open_runner
+from neuron_serve.aot import LoadTimes
 from neuron_serve.engine import Engine
+from neuron_serve.forward_process import ForwardProcess
 from neuron_serve.metrics import metrics_for
 from neuron_serve.sampler import SamplingParams
 from neuron_serve.sequence import Finished, Sequence
-from neuron_serve.service import warm_up
 
 
 def engine_tokens_per_s(engine: Engine, tokenizer, concurrency: int, requests_n: int, input_len: int, output_len: int):
@@ -75,7 +75,7 @@ def start_server(artifacts: Path) -> tuple[subprocess.Popen, str]:
         try:
             if requests.get(f"{url}/health", timeout=10).status_code == 200:
                 return process, url
-        except (requests.ConnectionError, requests.Timeout):  # loading: AOTInductor calls hold the GIL
+        except (requests.ConnectionError, requests.Timeout):
             pass
         time.sleep(0.5)
     raise TimeoutError("the server did not become ready")
@@ -123,18 +123,8 @@ def main() -> None:
     finally:
         process.terminate()
         process.wait(timeout=60)
-    # Loaded off the main thread, as the server's loader thread does: AOTInductor graphs loaded on the
-    # main thread and then run from the engine's thread ran 1.8x slower here (105 vs 57 ms a step).
-    loaded = []
-
-    def load() -> None:
-        loaded.append(open_runner(args.artifacts)[0])
-        warm_up(loaded[0])
-
-    loader = threading.Thread(target=load)
-    loader.start()
-    loader.join()
-    runner = loaded[0]
+    runner = ForwardProcess(args.artifacts)
+    runner.wait_ready(LoadTimes())
     engine = Engine(runner, metrics_for("engine-direct"), max_waiting=1024).start()
     tokenizer = AutoTokenizer.from_pretrained(args.artifacts / "tokenizer")
     print(

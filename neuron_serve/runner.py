@@ -85,6 +85,23 @@ class Runner:
         return logits
 
 
+def warm_up(runner: Runner, every_graph: bool) -> None:
+    """Make the first requests' calls as fast as the later ones, then forget the warm-up in the
+    padding statistics. On the CPU only the process's first forward pays a set-up cost (thread pools,
+    allocator; AOTInductor graphs measured no first-call cost of their own), so one prefill and one
+    decode do. Neuron graphs are warmed one by one (`every_graph`): each one's first run on the
+    device has set-up of its own."""
+    prefill_lengths = list(runner.context_buckets) if every_graph else runner.context_buckets[:1]
+    if every_graph and runner.context_buckets[-1] < runner.max_seq_len - 1:
+        prefill_lengths.append(runner.context_buckets[-1] + 1)  # the chunk graph
+    for length in prefill_lengths:
+        runner.prefill([0] * length, slot=0)
+    for kv_len in runner.token_buckets if every_graph else runner.token_buckets[:1]:
+        runner.decode([0] * runner.batch_size, [kv_len - 1] + [0] * (runner.batch_size - 1))
+    runner.usage.real.clear()
+    runner.usage.padded.clear()
+
+
 def _padded(tokens: list[int], length: int) -> torch.Tensor:
     out = torch.zeros(1, length, dtype=torch.long)
     out[0, : len(tokens)] = torch.tensor(tokens)

@@ -1,8 +1,9 @@
 """`neuron-serve serve`: gunicorn in front of the Flask app, one model replica per worker.
 
-Worker class: gthread. Each worker's engine is a real OS thread running torch, which releases the
-GIL inside every operator; request threads just wait on queues. gevent would monkey-patch the engine
-thread into a greenlet, so every forward pass would block all streams of that worker.
+Worker class: gthread. Each worker's engine is a real OS thread that waits on the worker's forward
+process (``forward_process.py``: the graphs run there, because AOTInductor holds the GIL through a
+whole graph call); request threads just wait on queues. gevent would monkey-patch the engine thread
+into a greenlet, and every wait on the forward process would block all streams of that worker.
 """
 
 from __future__ import annotations

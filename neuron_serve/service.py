@@ -11,10 +11,12 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from neuron_serve.aot import LoadTimes, open_runner
+from neuron_serve.aot import LoadTimes
 from neuron_serve.api_params import Limits
+from neuron_serve.artifacts import read_manifest
 from neuron_serve.config import ModelConfig
 from neuron_serve.engine import Engine
+from neuron_serve.forward_process import ForwardProcess
 from neuron_serve.generate import stop_ids
 from neuron_serve.metrics import metrics_for
 
@@ -55,13 +57,12 @@ class ModelService:
     def _load(self) -> None:
         try:
             times = LoadTimes()
-            runner, manifest = open_runner(self.settings.artifacts, times)
-            started = time.perf_counter()
+            manifest = read_manifest(self.settings.artifacts)
+            runner = ForwardProcess(self.settings.artifacts, on_exit=self._fail)
+            started = time.perf_counter()  # the tokenizer loads while the forward process does
             self.tokenizer = AutoTokenizer.from_pretrained(self.settings.artifacts / "tokenizer")
             times.measure("load_tokenizer", started)
-            started = time.perf_counter()
-            warm_up(runner)
-            times.measure("warm_up", started)
+            runner.wait_ready(times)
             config = ModelConfig.from_dict(manifest.model_config)
             self.eos_ids = frozenset(stop_ids(self.tokenizer, config.eos_token_ids))
             self.limits = Limits(runner.max_seq_len, config.vocab_size, self.settings.max_tokens_default)
@@ -79,19 +80,8 @@ class ModelService:
             log.info("model %s ready: %s", self.settings.model_name, {k: round(v, 3) for k, v in times.phases.items()})
         except Exception as error:  # reported by /health and /ping; the worker stays up to say so
             log.exception("loading %s failed", self.settings.artifacts)
-            self.error = f"{type(error).__name__}: {error}"
-            self.state = "failed"
+            self._fail(f"{type(error).__name__}: {error}")
 
-
-def warm_up(runner) -> None:
-    """Run every graph once, so the first requests do not pay for first-call set-up; then forget
-    the warm-up in the padding statistics."""
-    largest = runner.context_buckets[-1]
-    for bucket in runner.context_buckets:
-        runner.prefill([0] * bucket, slot=0)
-    if largest < runner.max_seq_len - 1:
-        runner.prefill([0] * (largest + 1), slot=0)  # the chunk graph
-    for kv_len in runner.token_buckets:
-        runner.decode([0] * runner.batch_size, [kv_len - 1] + [0] * (runner.batch_size - 1))
-    runner.usage.real.clear()
-    runner.usage.padded.clear()
+    def _fail(self, message: str) -> None:
+        self.error = message
+        self.state = "failed"

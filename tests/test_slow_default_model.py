@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
+import requests
 from conftest import REPO, ServerHandle
 
 from neuron_serve.aot import open_runner
@@ -41,33 +43,59 @@ def test_default_aot_graphs_match_eager(default_artifacts, default_loaded):
         assert (aot.decode(tokens, positions) - eager.decode(tokens, positions)).abs().max() < 1e-3
 
 
-def test_default_model_served_answers_and_handles_32_streams(default_artifacts):
+@pytest.fixture(scope="module")
+def default_server(default_artifacts):
     server = ServerHandle(default_artifacts, "--max-waiting", "64")
-    try:
-        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
-        model = "smollm2-135m-cpu"
-        answer = client.chat.completions.create(
-            model=model,
-            messages=[{"role": "user", "content": "What is the capital of France?"}],
-            max_tokens=24,
-            temperature=0,
-        )
-        assert "Paris" in answer.choices[0].message.content
+    yield server
+    server.stop()
 
-        def stream(i: int) -> int:
-            chunks = list(
-                client.completions.create(
-                    model=model,
-                    prompt=f"Story {i}: once upon a time",
-                    max_tokens=32,
-                    stream=True,
-                    stream_options={"include_usage": True},
-                    extra_body={"ignore_eos": True},
-                )
+
+def test_default_model_served_answers_and_handles_32_streams(default_server):
+    client = openai.OpenAI(base_url=f"{default_server.base_url}/v1", api_key="unused", max_retries=0)
+    model = "smollm2-135m-cpu"
+    answer = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=24,
+        temperature=0,
+    )
+    assert "Paris" in answer.choices[0].message.content
+
+    def stream(i: int) -> int:
+        chunks = list(
+            client.completions.create(
+                model=model,
+                prompt=f"Story {i}: once upon a time",
+                max_tokens=32,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True},
             )
-            return chunks[-1].usage.completion_tokens
+        )
+        return chunks[-1].usage.completion_tokens
 
-        with ThreadPoolExecutor(32) as pool:
-            assert list(pool.map(stream, range(32))) == [32] * 32
-    finally:
-        server.stop()
+    with ThreadPoolExecutor(32) as pool:
+        assert list(pool.map(stream, range(32))) == [32] * 32
+
+
+def test_ping_stays_fast_through_long_prefills(default_server):
+    """Three 1500-token prompts keep the engine in prefill for seconds (a 1024-token graph call alone
+    takes about one); the forward process runs them, so the worker's /ping thread is never held up."""
+    url = default_server.base_url
+    prompt = " ".join(["history"] * 1500)
+
+    def long_request(_) -> int:
+        body = {"model": "smollm2-135m-cpu", "prompt": prompt, "max_tokens": 4}
+        return requests.post(f"{url}/v1/completions", json=body, timeout=300).status_code
+
+    latencies = []
+    with ThreadPoolExecutor(3) as pool:
+        statuses = pool.map(long_request, range(3))
+        time.sleep(0.5)  # the first prefill has begun
+        while len(latencies) < 200:
+            started = time.perf_counter()
+            assert requests.get(f"{url}/ping", timeout=10).status_code == 200
+            latencies.append(time.perf_counter() - started)
+            time.sleep(0.01)
+        assert list(statuses) == [200] * 3
+    assert max(latencies) < 0.1, f"slowest /ping {max(latencies) * 1000:.0f} ms"

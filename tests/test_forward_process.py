@@ -1,0 +1,104 @@
+"""A server replica's runner in its own process: same logits as in-process, errors that cross the
+process boundary intact, and a clear failure when the process dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import openai
+import pytest
+import requests
+from conftest import ServerHandle, tiny_recipe
+
+from neuron_serve.aot import LoadTimes, open_runner
+from neuron_serve.artifacts import CorruptArtifactError
+from neuron_serve.compiler import compile_recipe
+from neuron_serve.forward_process import ForwardProcess, ForwardProcessError
+
+
+@pytest.fixture(scope="module")
+def forward(tiny_artifacts):
+    process = ForwardProcess(tiny_artifacts)
+    times = LoadTimes()
+    process.wait_ready(times)
+    process.load_phases = times.phases
+    yield process
+    process.close()
+
+
+def test_logits_and_padding_counts_match_the_in_process_runner(forward, tiny_artifacts):
+    local, _ = open_runner(tiny_artifacts)
+    prompt = [5, 9, 200, 31, 7]
+    assert (forward.prefill(prompt, 1) - local.prefill(prompt, 1)).abs().max() < 1e-5
+    tokens, positions = [0, 42, 0, 0], [0, len(prompt), 0, 0]
+    assert (forward.decode(tokens, positions, active=1) - local.decode(tokens, positions, active=1)).abs().max() < 1e-5
+    assert forward.usage.real == local.usage.real and forward.usage.padded == local.usage.padded
+    assert forward.batch_size == local.batch_size and forward.token_buckets == local.token_buckets
+    assert {"start_forward_process", "verify_checksums", "load_graphs", "warm_up"} <= set(forward.load_phases)
+
+
+def test_an_error_in_a_call_is_raised_here_and_the_process_serves_on(forward):
+    with pytest.raises(ValueError, match=f"must be 1 to {forward.max_seq_len - 1} tokens"):
+        forward.prefill([1] * forward.max_seq_len, 0)
+    assert forward.prefill([1, 2, 3], 0).shape[0] > 0
+
+
+def test_a_corrupt_artifact_is_reported_with_its_own_error(tiny_artifacts, tmp_path):
+    copy = compile_recipe(tiny_recipe(), tmp_path / "copy").out_dir
+    target = copy / "graphs" / "decode_64.pt2"
+    data = target.read_bytes()
+    target.unlink()  # a new file: the cache entry behind the hard link stays intact
+    target.write_bytes(data[: len(data) // 2])
+    process = ForwardProcess(copy)
+    with pytest.raises(CorruptArtifactError, match=r"graphs/decode_64\.pt2"):
+        process.wait_ready(LoadTimes())
+    process.close()
+
+
+def test_a_dead_forward_process_is_a_clear_error(tiny_artifacts):
+    reported = []
+    process = ForwardProcess(tiny_artifacts, on_exit=reported.append)
+    process.wait_ready(LoadTimes())
+    os.kill(process._process.pid, signal.SIGKILL)
+    with pytest.raises(ForwardProcessError, match=r"exited \(exit code -9\)"):
+        process.decode([0] * process.batch_size, [0] * process.batch_size)
+    with pytest.raises(ForwardProcessError):  # and at once from then on
+        process.prefill([1], 0)
+    assert reported == ["the forward process exited (exit code -9)"]
+    process.close()
+
+
+def test_server_reports_a_dead_forward_process(tiny_artifacts):
+    server = ServerHandle(tiny_artifacts)
+    try:
+        os.kill(_forward_process_pid(server.process.pid), signal.SIGKILL)
+        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.InternalServerError, match="forward process exited"):
+            client.completions.create(model=server.model, prompt="hello", max_tokens=4)
+        health = requests.get(f"{server.base_url}/health", timeout=5)
+        assert health.status_code == 503 and "forward process exited" in health.json()["error"]
+        assert requests.get(f"{server.base_url}/ping", timeout=5).status_code == 503
+    finally:
+        server.stop()
+
+
+def _children(pid: int) -> list[int]:
+    return [
+        int(child) for task in Path(f"/proc/{pid}/task").iterdir() for child in (task / "children").read_text().split()
+    ]
+
+
+def _forward_process_pid(server_pid: int) -> int:
+    """The server's worker (its one child) and the worker's spawned child (not multiprocessing's
+    resource tracker): the forward process."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        grandchildren = [c for w in _children(server_pid) for c in _children(w)]
+        forwards = [c for c in grandchildren if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        if forwards:
+            return forwards[0]
+        time.sleep(0.1)
+    raise TimeoutError("no forward process under the server")
