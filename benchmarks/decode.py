@@ -1,10 +1,12 @@
 """Decode throughput of the default model against this machine's roofline (eager PyTorch, fp32).
 
-    python -m benchmarks.decode [--batches 1,8,16,32] [--steps 32] [--kv-len 256] [--baseline]
+    python -m benchmarks.decode [--batches 1,8,16,32] [--steps 32] [--kv-len 256] [--baseline] [--breakdown]
 
 Batch 1 is bound by memory bandwidth (every weight byte is read once per token); large batches by
 matmul FLOP/s (2 x parameters x batch per step). `--baseline` also times Hugging Face `generate()`
-at batch 1 in the same process.
+at batch 1 in the same process. `--breakdown` shows where the largest batch's decode step goes:
+the weight matmuls (and the rate at which they stream the weights), attention over the KV cache, the
+other operators, and what the profiler does not see (Python and dispatch between operators).
 """
 
 from __future__ import annotations
@@ -32,6 +34,46 @@ def decode_tokens_per_s(model, batch: int, steps: int, kv_len: int) -> float:
         return batch * steps / (time.perf_counter() - start)
 
 
+WEIGHT_MATMULS = {"aten::mm", "aten::addmm"}  # nn.Linear; attention's q.k and p.v are aten::bmm
+ATTENTION = {"aten::bmm", "aten::_softmax"}
+
+
+def print_breakdown(model, batch: int, kv_len: int, weight_bytes: int, steps: int = 8) -> None:
+    k_cache, v_cache = model.new_kv_cache(batch)
+    tokens = torch.randint(0, model.config.vocab_size, (batch,))
+    positions = torch.full((batch,), kv_len // 2)
+    with torch.inference_mode():
+        model.decode(tokens, positions, k_cache, v_cache, kv_len)
+        start = time.perf_counter()
+        for _ in range(steps):
+            model.decode(tokens, positions, k_cache, v_cache, kv_len)
+        wall = (time.perf_counter() - start) / steps
+        with torch.profiler.profile() as profile:
+            for _ in range(steps):
+                model.decode(tokens, positions, k_cache, v_cache, kv_len)
+    seconds = {"weight matmuls": 0.0, "attention": 0.0, "other operators": 0.0}
+    for event in profile.key_averages():
+        kind = (
+            "weight matmuls"
+            if event.key in WEIGHT_MATMULS
+            else "attention"
+            if event.key in ATTENTION
+            else "other operators"
+        )
+        seconds[kind] += event.self_cpu_time_total / 1e6 / steps
+    seconds["between operators"] = max(0.0, wall - sum(seconds.values()))
+    kv_bytes = 2 * k_cache[:, :, :, :kv_len].numel() * k_cache.element_size()
+    print(f"batch {batch} decode step at kv length {kv_len}: {wall * 1e3:.1f} ms")
+    for kind, spent in seconds.items():
+        print(f"  {kind:<18} {spent * 1e3:6.1f} ms")
+    weight_rate = weight_bytes / seconds["weight matmuls"] / 1e9
+    kv_rate = kv_bytes / seconds["attention"] / 1e9
+    print(
+        f"  the weight matmuls stream {weight_bytes / 1e6:.0f} MB at {weight_rate:.1f} GB/s; "
+        f"attention reads {kv_bytes / 1e6:.0f} MB of KV cache at {kv_rate:.1f} GB/s"
+    )
+
+
 def hf_generate_tokens_per_s(loaded, new_tokens: int = 64) -> float:
     from tests.hf_reference import hf_model
 
@@ -50,6 +92,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--kv-len", type=int, default=256)
     parser.add_argument("--baseline", action="store_true")
+    parser.add_argument("--breakdown", action="store_true")
     args = parser.parse_args()
 
     bandwidth, flops = memory_read_bandwidth(), matmul_flops()
@@ -69,6 +112,8 @@ def main() -> None:
         compute_bound = flops / (2 * params)
         bound, kind = min((bandwidth_bound, "bandwidth"), (compute_bound, "compute"))
         print(f"{batch:>5} {rate:>9.1f} {bound:>9.1f} {rate / bound:>8.0%}  {kind}")
+    if args.breakdown:
+        print_breakdown(model, max(int(b) for b in args.batches.split(",")), args.kv_len, weight_bytes)
     if args.baseline:
         print(f"baseline: Hugging Face generate() at batch 1: {hf_generate_tokens_per_s(loaded):.1f} tokens/s")
 
