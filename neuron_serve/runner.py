@@ -89,8 +89,8 @@ def warm_up(runner: Runner, every_graph: bool) -> None:
     """Make the first requests' calls as fast as the later ones, then forget the warm-up in the
     padding statistics. On the CPU only the process's first forward pays a set-up cost (thread pools,
     allocator; AOTInductor graphs measured no first-call cost of their own), so one prefill and one
-    decode do. Neuron graphs are warmed one by one (`every_graph`): each one's first run on the
-    device has set-up of its own."""
+    decode do. On neuron every graph runs once (`every_graph`), as NxD Inference warms up before
+    serving: a graph's first run on the device can carry set-up of its own."""
     prefill_lengths = list(runner.context_buckets) if every_graph else runner.context_buckets[:1]
     if every_graph and runner.context_buckets[-1] < runner.max_seq_len - 1:
         prefill_lengths.append(runner.context_buckets[-1] + 1)  # the chunk graph
