@@ -6,7 +6,9 @@ Batch 1 is bound by memory bandwidth (every weight byte is read once per token);
 matmul FLOP/s (2 x parameters x batch per step). `--baseline` also times Hugging Face `generate()`
 at batch 1 in the same process. `--breakdown` shows where the largest batch's decode step goes:
 the weight matmuls (and the rate at which they stream the weights), attention over the KV cache, the
-other operators, and what the profiler does not see (Python and dispatch between operators).
+other operators, and what the profiler does not see (Python and dispatch between operators). It then
+prints the ceiling of this machine's BLAS: the step's weight matmuls run alone, back to back, plus the
+KV cache read at full bandwidth, as a fraction of the compute bound; no eager step can beat it.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ WEIGHT_MATMULS = {"aten::mm", "aten::addmm"}  # nn.Linear; attention's q.k and p
 ATTENTION = {"aten::bmm", "aten::_softmax"}
 
 
-def print_breakdown(model, batch: int, kv_len: int, weight_bytes: int, steps: int = 8) -> None:
+def print_breakdown(model, batch: int, kv_len: int, weight_bytes: int, steps: int = 8) -> float:
+    """Prints where a decode step goes; returns the bytes of KV cache it reads."""
     k_cache, v_cache = model.new_kv_cache(batch)
     tokens = torch.randint(0, model.config.vocab_size, (batch,))
     positions = torch.full((batch,), kv_len // 2)
@@ -71,6 +74,46 @@ def print_breakdown(model, batch: int, kv_len: int, weight_bytes: int, steps: in
     print(
         f"  the weight matmuls stream {weight_bytes / 1e6:.0f} MB at {weight_rate:.1f} GB/s; "
         f"attention reads {kv_bytes / 1e6:.0f} MB of KV cache at {kv_rate:.1f} GB/s"
+    )
+    return kv_bytes
+
+
+def matmuls_seconds(linears: list[torch.nn.Linear], batch: int, repeats: int = 5) -> float:
+    """`linears` called back to back on a batch of inputs, nothing between them; the best of `repeats`."""
+    inputs = {n: torch.randn(batch, n) for n in {linear.in_features for linear in linears}}
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            for linear in linears:
+                linear(inputs[linear.in_features])
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def print_ceiling(model, batch: int, kv_bytes: float, bandwidth: float, flops: float) -> None:
+    """The best step this machine's BLAS allows: the weights are far larger than the caches, so the
+    step's matmuls run alone stream them from memory as a real step does; the KV cache is read at full
+    bandwidth; everything else is free. Layer 0's matmuls repeated (its weights stay in cache) show
+    the BLAS's FLOP/s at this batch with no memory traffic at all."""
+    linears = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
+    weight_bytes = sum(linear.weight.numel() * linear.weight.element_size() for linear in linears)
+    matmuls = matmuls_seconds(linears, batch)
+    kv_read = kv_bytes / bandwidth
+    rate = batch / (matmuls + kv_read)
+    bound = flops / (2 * sum(p.numel() for p in model.parameters()))  # tokens/s, at any batch
+    layer = [module for module in model.layers[0].modules() if isinstance(module, torch.nn.Linear)]
+    hot = matmuls_seconds(layer * 8, batch) / 8
+    hot_flops = 2 * batch * sum(linear.weight.numel() for linear in layer) / hot
+    print(
+        f"ceiling at batch {batch}: the weight matmuls alone take {matmuls * 1e3:.1f} ms "
+        f"({weight_bytes / matmuls / 1e9:.1f} GB/s of weights); reading the KV cache at the full "
+        f"{bandwidth / 1e9:.1f} GB/s takes {kv_read * 1e3:.1f} ms. With every other operator free a step "
+        f"would take {(matmuls + kv_read) * 1e3:.1f} ms: {rate:.0f} tokens/s, {rate / bound:.0%} of the compute bound"
+    )
+    print(
+        f"  with its weights in cache, a layer's matmuls at batch {batch} run at {hot_flops / 1e9:.0f} GFLOP/s: "
+        f"{hot_flops / flops:.0%} of the square-matmul FLOP/s"
     )
 
 
@@ -113,7 +156,9 @@ def main() -> None:
         bound, kind = min((bandwidth_bound, "bandwidth"), (compute_bound, "compute"))
         print(f"{batch:>5} {rate:>9.1f} {bound:>9.1f} {rate / bound:>8.0%}  {kind}")
     if args.breakdown:
-        print_breakdown(model, max(int(b) for b in args.batches.split(",")), args.kv_len, weight_bytes)
+        batch = max(int(b) for b in args.batches.split(","))
+        kv_bytes = print_breakdown(model, batch, args.kv_len, weight_bytes)
+        print_ceiling(model, batch, kv_bytes, bandwidth, flops)
     if args.baseline:
         print(f"baseline: Hugging Face generate() at batch 1: {hf_generate_tokens_per_s(loaded):.1f} tokens/s")
 
