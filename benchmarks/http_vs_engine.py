@@ -2,14 +2,13 @@
 the engine driven directly in this process, over a forward process as in a server worker, at the
 same concurrency and workload; plus TTFT and ITL percentiles from the HTTP runs.
 
-    python benchmarks/http_vs_engine.py ARTIFACTS [--concurrency 1,8,32] [--input-len 64] [--output-len 64]
+    python -m benchmarks.http_vs_engine ARTIFACTS [--concurrency 1,8,32] [--input-len 64] [--output-len 64]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,7 +16,6 @@ import threading
 import time
 from pathlib import Path
 
-import requests
 from transformers import AutoTokenizer
 
 from neuron_serve.aot import LoadTimes
@@ -26,6 +24,7 @@ from neuron_serve.forward_process import ForwardProcess
 from neuron_serve.metrics import metrics_for
 from neuron_serve.sampler import SamplingParams
 from neuron_serve.sequence import Finished, Sequence
+from tests.server_handle import ServerHandle
 
 
 def engine_tokens_per_s(engine: Engine, tokenizer, concurrency: int, requests_n: int, input_len: int, output_len: int):
@@ -52,33 +51,6 @@ def engine_tokens_per_s(engine: Engine, tokenizer, concurrency: int, requests_n:
     for t in threads:
         t.join()
     return produced[0] / (time.perf_counter() - started)
-
-
-def start_server(artifacts: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [
-        sys.executable,
-        "-m",
-        "neuron_serve.cli",
-        "serve",
-        str(artifacts),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if requests.get(f"{url}/health", timeout=10).status_code == 200:
-                return process, url
-        except (requests.ConnectionError, requests.Timeout):
-            pass
-        time.sleep(0.5)
-    raise TimeoutError("the server did not become ready")
 
 
 def http_levels(url: str, artifacts: Path, args) -> list[dict]:
@@ -117,12 +89,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     args = parser.parse_args()
 
-    process, url = start_server(args.artifacts)
+    server = ServerHandle(args.artifacts, ready_timeout=300)
     try:
-        levels = http_levels(url, args.artifacts, args)
+        levels = http_levels(server.base_url, args.artifacts, args)
     finally:
-        process.terminate()
-        process.wait(timeout=60)
+        server.stop()
     runner = ForwardProcess(args.artifacts)
     runner.wait_ready(LoadTimes())
     engine = Engine(runner, metrics_for("engine-direct"), max_waiting=1024).start()

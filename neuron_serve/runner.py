@@ -36,8 +36,8 @@ class Runner:
         self.token_buckets = sorted(token_buckets)
         self.usage = BucketUsage()
 
-    # Graph calls, one per kind; subclasses implement them.
-    # Graph calls, one per kind, each returning (logits, keys, values) as the model's forwards do.
+    # Graph calls, one per kind, which subclasses implement; each returns (logits, keys, values)
+    # as the model's forwards do.
     def run_prefill(self, bucket: int, tokens, last_index):
         raise NotImplementedError
 

@@ -66,78 +66,10 @@ def tiny_artifacts(tmp_path_factory, tiny_dir) -> Path:
     return compile_recipe(tiny_recipe(), tmp_path_factory.mktemp("artifacts") / "tiny-cpu").out_dir
 
 
-class ServerHandle:
-    """A real `neuron-serve serve` (gunicorn) on 127.0.0.1, in its own process."""
-
-    def __init__(self, artifacts: Path, *extra: str):
-        import socket
-        import subprocess
-        import sys
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.artifacts = artifacts
-        self.model = "tiny-cpu"
-        command = [
-            sys.executable,
-            "-m",
-            "neuron_serve.cli",
-            "serve",
-            str(artifacts),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            *extra,
-        ]
-        self.log = open(artifacts.parent / f"server-{self.port}.log", "w")  # noqa: SIM115
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
-        self.wait_ready()
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        import time
-
-        import requests
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"server exited: {self.logs()}"
-            try:
-                if requests.get(f"{self.base_url}/health", timeout=1).status_code == 200:
-                    return
-            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or busy loading
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"server not ready: {self.logs()}")
-
-    def logs(self) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text()[-4000:]
-
-    def metric(self, name: str, **labels: str) -> float:
-        """Sum of a metric's samples whose labels include `labels`."""
-        import requests
-        from prometheus_client.parser import text_string_to_metric_families
-
-        text = requests.get(f"{self.base_url}/metrics", timeout=5).text
-        return sum(
-            sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
-        )
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=60)
-        self.log.close()
-
-
 @pytest.fixture(scope="session")
 def tiny_server(tiny_artifacts):
+    from server_handle import ServerHandle
+
     server = ServerHandle(tiny_artifacts, "--max-waiting", "128")
     yield server
     server.stop()

@@ -11,7 +11,8 @@ from pathlib import Path
 import openai
 import pytest
 import requests
-from conftest import ServerHandle, tiny_recipe
+from conftest import tiny_recipe
+from server_handle import ServerHandle
 
 from neuron_serve.aot import LoadTimes, open_runner
 from neuron_serve.artifacts import CorruptArtifactError

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 import requests
-from conftest import ServerHandle
+from server_handle import ServerHandle
 
 IGNORE_EOS = {"ignore_eos": True}
 

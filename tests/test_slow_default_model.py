@@ -8,7 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 import requests
-from conftest import REPO, ServerHandle
+from conftest import REPO
+from server_handle import ServerHandle
 
 from neuron_serve.aot import open_runner
 from neuron_serve.compiler import compile_recipe
