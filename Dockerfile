@@ -26,7 +26,7 @@ RUN pip freeze | grep -iE '^(torch|torch[-_]neuronx|torch[-_]xla|neuronx[-_]cc|n
         > /tmp/neuron-sdk-constraints.txt \
  && echo 'numpy<2' >> /tmp/neuron-sdk-constraints.txt \
  && pip install --no-cache-dir --constraint /tmp/neuron-sdk-constraints.txt . \
- && python -c "import neuron_serve.cli, neuron_serve.recipe, neuron_serve.neuron.runner, torch_neuronx, neuronx_distributed" \
+ && python -c "import neuron_serve.cli, neuron_serve.recipe.schema, neuron_serve.backends.neuron.runner, torch_neuronx, neuronx_distributed" \
  && rm -f /tmp/neuron-sdk-constraints.txt
 
 COPY --chmod=755 docker/entrypoint.sh /usr/local/bin/neuron-serve-entrypoint

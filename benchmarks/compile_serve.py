@@ -14,18 +14,20 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from neuron_serve.aot import LoadTimes, open_runner
-from neuron_serve.compiler import compile_recipe
-from neuron_serve.forward_process import ForwardProcess
-from neuron_serve.recipe import load_recipe
-from neuron_serve.runner import EagerRunner
-from neuron_serve.weights import build_model, load_model_files
+from neuron_serve.backends.base import LoadTimes
+from neuron_serve.backends.cpu.runners import EagerRunner
+from neuron_serve.backends.registry import open_runner
+from neuron_serve.compiler.compile import compile_recipe
+from neuron_serve.engine.forward_process import ForwardProcess
+from neuron_serve.recipe.files import load_recipe
+from neuron_serve.weights.loader import build_model, load_model_files
 
 
 def decode_rate(runner, batch: int, steps: int, position: int = 200) -> float:
     """Tokens/s of decode steps with `batch` busy slots (the rest idle), all at `position`."""
-    tokens = [17] * runner.batch_size
-    positions = [position] * batch + [0] * (runner.batch_size - batch)
+    slots = runner.graphs.batch_size
+    tokens = [17] * slots
+    positions = [position] * batch + [0] * (slots - batch)
     runner.decode(tokens, positions, active=batch)
     started = time.perf_counter()
     for _ in range(steps):
@@ -54,7 +56,7 @@ def main() -> None:
     forward = ForwardProcess(result.out_dir)
     tokenizer = AutoTokenizer.from_pretrained(result.out_dir / "tokenizer")
     forward.wait_ready(times)
-    forward.prefill(tokenizer.encode("What is the capital of France?"), slot=0).argmax()
+    forward.prefill(tokenizer.encode("What is the capital of France?"), slot=0).logits.argmax()
     cold = time.perf_counter() - started
     forward.close()
     phases = ", ".join(f"{k} {v:.2f} s" for k, v in times.phases.items())
@@ -62,8 +64,8 @@ def main() -> None:
 
     runner, _ = open_runner(result.out_dir)
     shapes = recipe.shapes
-    model = build_model(load_model_files(recipe.model.source, recipe.model.dtype), shapes.max_seq_len)
-    eager = EagerRunner(model, shapes.batch_size, shapes.context_buckets, shapes.token_buckets)
+    model = build_model(load_model_files(recipe.model.source, recipe.model.torch_dtype), shapes.max_seq_len)
+    eager = EagerRunner(model, runner.graphs)
     print(f"decode tokens/s ({torch.get_num_threads()} threads):  batch   aot    eager")
     for batch in sorted({1, shapes.batch_size}):
         aot_rate, eager_rate = decode_rate(runner, batch, args.steps), decode_rate(eager, batch, args.steps)

@@ -19,11 +19,12 @@ import time
 import torch
 
 from benchmarks.roofline import matmul_flops, memory_read_bandwidth
-from neuron_serve.weights import build_model, load_model_files
+from neuron_serve.weights.loader import build_model, load_model_files
 
 
 def decode_tokens_per_s(model, batch: int, steps: int, kv_len: int) -> float:
-    k_cache, v_cache = model.new_kv_cache(batch)
+    cache = model.new_kv_cache(batch)
+    k_cache, v_cache = cache.keys, cache.values
     tokens = torch.randint(0, model.config.vocab_size, (batch,))
     with torch.inference_mode():
         for _ in range(3):
@@ -42,7 +43,8 @@ ATTENTION = {"aten::bmm", "aten::_softmax"}
 
 def print_breakdown(model, batch: int, kv_len: int, weight_bytes: int, steps: int = 8) -> float:
     """Prints where a decode step goes; returns the bytes of KV cache it reads."""
-    k_cache, v_cache = model.new_kv_cache(batch)
+    cache = model.new_kv_cache(batch)
+    k_cache, v_cache = cache.keys, cache.values
     tokens = torch.randint(0, model.config.vocab_size, (batch,))
     positions = torch.full((batch,), kv_len // 2)
     with torch.inference_mode():

@@ -18,12 +18,12 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from neuron_serve.aot import LoadTimes
-from neuron_serve.engine import Engine
-from neuron_serve.forward_process import ForwardProcess
-from neuron_serve.metrics import metrics_for
-from neuron_serve.sampler import SamplingParams
-from neuron_serve.sequence import Finished, Sequence
+from neuron_serve.backends.base import LoadTimes
+from neuron_serve.engine.engine import Engine
+from neuron_serve.engine.forward_process import ForwardProcess
+from neuron_serve.engine.metrics import metrics_for
+from neuron_serve.engine.sampler import SamplingParams
+from neuron_serve.engine.sequence import Finished, Sequence
 from tests.server_handle import ServerHandle
 
 

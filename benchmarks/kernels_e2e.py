@@ -24,10 +24,13 @@ from pathlib import Path
 import torch
 
 import nki_kernels
-from neuron_serve.graphs import GraphSpec, compile_graph, constants_map
-from neuron_serve.model import LlamaModel
-from neuron_serve.sampler import SamplingParams, sample_row
-from neuron_serve.weights import load_model_files, model_from_state_dict
+from neuron_serve.artifact.graphs import GraphSpec
+from neuron_serve.backends.cpu.export import compile_graph, constants_map
+from neuron_serve.engine.sampler import SamplingParams, sample_row
+from neuron_serve.model.kv_cache import KVCache
+from neuron_serve.model.llama import LlamaModel
+from neuron_serve.model.state import model_from_state_dict
+from neuron_serve.weights.loader import load_model_files
 
 MAX_SEQ_LEN = 2048
 PARAMS = SamplingParams(temperature=0.8, top_k=50, top_p=0.9)
@@ -66,9 +69,9 @@ def load_graph(model: LlamaModel, batch: int, kv_len: int, directory: Path):
     return lambda tokens, positions, k_cache, v_cache, kv_len: package(tokens, positions, k_cache, v_cache)
 
 
-def decode_steps(forward, sample, cache: tuple[torch.Tensor, torch.Tensor], args) -> Callable[[], float]:
+def decode_steps(forward, sample, cache: KVCache, args) -> Callable[[], float]:
     """A closure that runs `args.steps` decode steps over `args.kv_len` positions and returns tokens/s."""
-    batch, kv_len = cache[0].shape[1], args.kv_len
+    batch, kv_len = cache.keys.shape[1], args.kv_len
     tokens = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(0))
 
     def run() -> float:
@@ -76,7 +79,7 @@ def decode_steps(forward, sample, cache: tuple[torch.Tensor, torch.Tensor], args
         for step in range(args.steps):
             # Positions advance as in real decoding, staying inside the kv_len bucket.
             positions = torch.full((batch,), kv_len // 2 + step % (kv_len // 2))
-            logits, _, _ = forward(tokens, positions, *cache, kv_len)
+            logits, _, _ = forward(tokens, positions, cache.keys, cache.values, kv_len)
             sample(logits)
         return batch * args.steps / (time.perf_counter() - started)
 

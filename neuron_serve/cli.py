@@ -11,7 +11,8 @@ from pathlib import Path
 
 from neuron_serve import __version__
 from neuron_serve.bench.cli import add_bench_parser
-from neuron_serve.recipe_cli import add_recipe_parser
+from neuron_serve.recipe.cli import add_recipe_parser
+from neuron_serve.recipe.schema import DTYPES, torch_dtype
 
 
 def _add_generate(subparsers) -> None:
@@ -25,20 +26,22 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.set_defaults(func=_run_generate)
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    from neuron_serve.generate import GenerationStats, encode_prompt, generate, stop_ids
-    from neuron_serve.runner import EagerRunner, default_buckets
-    from neuron_serve.sampler import SamplingParams
-    from neuron_serve.weights import build_model, load_model_files
+    from neuron_serve.artifact.graphs import GraphSet, power_of_two_buckets
+    from neuron_serve.backends.cpu.runners import EagerRunner
+    from neuron_serve.engine.generate import GenerationStats, generate
+    from neuron_serve.engine.prompts import encode_prompt, stop_ids
+    from neuron_serve.engine.sampler import SamplingParams
+    from neuron_serve.weights.loader import build_model, load_model_files
 
-    loaded = load_model_files(args.model, args.dtype)
+    loaded = load_model_files(args.model, torch_dtype(args.dtype))
     model = build_model(loaded, args.max_seq_len)
-    buckets = default_buckets(args.max_seq_len)
-    runner = EagerRunner(model, batch_size=1, context_buckets=buckets, token_buckets=buckets)
+    buckets = power_of_two_buckets(args.max_seq_len)
+    runner = EagerRunner(model, GraphSet(1, args.max_seq_len, buckets, buckets))
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -71,8 +74,8 @@ def _add_compile(subparsers) -> None:
 def _run_compile(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from neuron_serve.compiler import compile_recipe, summary_table
-    from neuron_serve.recipe import load_recipe
+    from neuron_serve.compiler.compile import compile_recipe, summary_table
+    from neuron_serve.recipe.files import load_recipe
 
     console = Console(stderr=True)
     result = compile_recipe(load_recipe(args.recipe), args.out, console)
@@ -101,7 +104,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-    from neuron_serve.serve_command import serve
+    from neuron_serve.server.command import serve
 
     return serve(args)
 

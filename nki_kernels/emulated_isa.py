@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from nki_kernels.nki_emulator import FLOAT32, INTS, OPS, TORCH_DTYPES, AccessPattern, Op, Tile, _as_dtype, check
+from nki_kernels.emulator_core import FLOAT32, INTS, OPS, TORCH_DTYPES, Op, Tile, check
 
-ON_CHIP, HBM = ("sbuf", "psum"), ("hbm", "shared_hbm")
+ON_CHIP = ("sbuf", "psum")
 
 
 def _on_chip(*tiles) -> None:
@@ -47,27 +47,10 @@ def _apply(op: Op, a, b, reverse: bool = False):
 
 
 def dma_copy(dst, src, **_options) -> None:
-    if isinstance(dst, AccessPattern):
-        _scatter(dst, src)
-        return
     check(isinstance(src, Tile) and isinstance(dst, Tile), "dma_copy between tensors")
     check(src.buffer != "psum" and dst.buffer != "psum", "NKI 0.3: no DMA to or from PSUM (tensor_copy to SBUF)")
     check(src.array.size == dst.array.size, f"dma_copy of {src.shape} into {dst.shape}")
     _store(dst, src.read())
-
-
-def _scatter(ap: AccessPattern, src: Tile) -> None:
-    """dst.ap(pattern=[[row_stride, rows], [1, width]], vector_offset=idx, indirect_dim=0): row p of
-    src goes to row idx[p] of the 2-D HBM tensor."""
-    base = ap.tile
-    (row_stride, rows), (unit, width) = ap.pattern
-    check(base.buffer in HBM and base.array.ndim == 2, "indirect DMA into a 2-D HBM tensor")
-    check(ap.indirect_dim == 0 and unit == 1 and row_stride == width == base.shape[1], f"pattern {ap.pattern}")
-    index = ap.vector_offset
-    check(index is not None and index.dtype.name in ("uint32", "int32") and index.shape == (rows, 1), "offsets")
-    rows_to = _values(index)[:, 0].astype(np.int64)
-    check(bool(np.all((rows_to >= 0) & (rows_to < base.shape[0]))), "scatter row out of range")
-    base.array[rows_to] = _as_dtype(_values(src).reshape(rows, width), base.dtype)
 
 
 def tensor_copy(dst, src, engine=None, name=None) -> None:

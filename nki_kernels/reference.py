@@ -30,8 +30,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, hd]; cos, sin: [T, hd]."""
-    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
+    """x: [..., heads, head_dim]; cos, sin: [..., head_dim], the same for every head (e.g. x
+    [T, heads, hd] with cos [T, hd], or x [B, T, heads, hd] with cos [B, T, hd] or [T, hd])."""
+    return x * cos.unsqueeze(-2) + rotate_half(x) * sin.unsqueeze(-2)
 
 
 def qkv_rope(
@@ -58,43 +59,6 @@ def qkv_rope(
     k = apply_rope(project(wk, bk, n_kv_heads), cos, sin)
     v = project(wv, bv, n_kv_heads)
     return q.to(x.dtype), k.to(x.dtype), v.to(x.dtype)
-
-
-def write_kv_cache(
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    slots: torch.Tensor,
-    positions: torch.Tensor,
-) -> None:
-    """Token i's k/v [n_kv, hd] go to cache[slots[i], :, positions[i]] (caches: [slots, n_kv, L, hd])."""
-    for i in range(k.shape[0]):
-        k_cache[slots[i], :, positions[i]] = k[i].to(k_cache.dtype)
-        v_cache[slots[i], :, positions[i]] = v[i].to(v_cache.dtype)
-
-
-def qkv_rope_cache_write(
-    x: torch.Tensor,
-    wq: torch.Tensor,
-    wk: torch.Tensor,
-    wv: torch.Tensor,
-    bq: torch.Tensor | None,
-    bk: torch.Tensor | None,
-    bv: torch.Tensor | None,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    n_heads: int,
-    n_kv_heads: int,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slots: torch.Tensor,
-    positions: torch.Tensor,
-) -> torch.Tensor:
-    """qkv_rope, then k and v written into the caches in place; returns q."""
-    q, k, v = qkv_rope(x, wq, wk, wv, bq, bk, bv, cos, sin, n_heads, n_kv_heads)
-    write_kv_cache(k_cache, v_cache, k, v, slots, positions)
-    return q
 
 
 def decode_attention(

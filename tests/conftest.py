@@ -21,21 +21,21 @@ def isolated_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_dir(isolated_cache) -> Path:
-    from neuron_serve.tiny import tiny_model_dir
+    from neuron_serve.weights.tiny import tiny_model_dir
 
     return tiny_model_dir()
 
 
 @pytest.fixture(scope="session")
 def tiny_loaded(tiny_dir):
-    from neuron_serve.weights import load_model_files
+    from neuron_serve.weights.loader import load_model_files
 
     return load_model_files(str(tiny_dir))
 
 
 @pytest.fixture(scope="session")
 def default_loaded():
-    from neuron_serve.weights import load_model_files
+    from neuron_serve.weights.loader import load_model_files
 
     return load_model_files("default")
 
@@ -43,11 +43,19 @@ def default_loaded():
 REPO = Path(__file__).resolve().parent.parent
 
 
+def eager_runner(model, slots: int, context_buckets: list[int], token_buckets: list[int]):
+    """The eager model as a runner over a graph set of these buckets."""
+    from neuron_serve.artifact.graphs import GraphSet
+    from neuron_serve.backends.cpu.runners import EagerRunner
+
+    return EagerRunner(model, GraphSet(slots, model.max_seq_len, tuple(context_buckets), tuple(token_buckets)))
+
+
 def tiny_recipe(**changes):
     """compile/tiny-cpu.toml with `section.field=value` changes, e.g. tiny_recipe(**{"shapes.batch_size": 2})."""
     import dataclasses
 
-    from neuron_serve.recipe import load_recipe
+    from neuron_serve.recipe.files import load_recipe
 
     recipe = load_recipe(REPO / "compile" / "tiny-cpu.toml")
     for dotted, value in changes.items():
@@ -61,7 +69,7 @@ def tiny_recipe(**changes):
 @pytest.fixture(scope="session")
 def tiny_artifacts(tmp_path_factory, tiny_dir) -> Path:
     """The tiny recipe compiled once per session (AOT graphs for every bucket)."""
-    from neuron_serve.compiler import compile_recipe
+    from neuron_serve.compiler.compile import compile_recipe
 
     return compile_recipe(tiny_recipe(), tmp_path_factory.mktemp("artifacts") / "tiny-cpu").out_dir
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from neuron_serve.artifacts import read_manifest
+from neuron_serve.artifact.manifest import read_manifest
 
 
 class ServerHandle:
@@ -25,7 +25,7 @@ class ServerHandle:
             self.port = s.getsockname()[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.artifacts = artifacts
-        self.model = read_manifest(artifacts).recipe["name"]
+        self.model = read_manifest(artifacts).recipe.name
         command = [
             sys.executable,
             "-m",

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from neuron_serve.bench.cost import CostModel, resolve_cost_model
-from neuron_serve.instances import INSTANCES, PRICE_SOURCE, get_instance
+from neuron_serve.recipe.instances import INSTANCES, PRICE_SOURCE, get_instance
 
 
 def test_usd_per_million_output_tokens():

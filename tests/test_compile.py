@@ -9,31 +9,30 @@ import pytest
 import torch
 from conftest import tiny_recipe
 
-from neuron_serve.aot import open_runner
-from neuron_serve.artifacts import CorruptArtifactError, read_manifest
-from neuron_serve.compiler import compile_recipe
-from neuron_serve.runner import EagerRunner
-from neuron_serve.weights import build_model
+from neuron_serve.artifact.manifest import CorruptArtifactError, read_manifest
+from neuron_serve.backends.cpu.runners import EagerRunner
+from neuron_serve.backends.registry import open_runner
+from neuron_serve.compiler.compile import compile_recipe
+from neuron_serve.weights.loader import build_model
 
 PROMPTS = {16: list(range(3, 14)), 32: list(range(40, 70)), "chunked": [(i * 11) % 380 + 2 for i in range(90)]}
 
 
 def test_aot_graphs_match_the_eager_model_in_every_bucket(tiny_artifacts, tiny_loaded):
     aot, manifest = open_runner(tiny_artifacts)
-    shapes = manifest.recipe["shapes"]
-    eager = EagerRunner(
-        build_model(tiny_loaded, shapes["max_seq_len"]),
-        shapes["batch_size"],
-        shapes["context_buckets"],
-        shapes["token_buckets"],
-    )
+    eager = EagerRunner(build_model(tiny_loaded, aot.graphs.max_seq_len), aot.graphs)
+    graphs_run = set()
     for slot, prompt in enumerate(PROMPTS.values()):
-        assert (aot.prefill(prompt, slot) - eager.prefill(prompt, slot)).abs().max() < 1e-4
-    assert set(aot.usage.real) == {"prefill_16", "prefill_32", "prefill_chunk"}
+        ours = aot.prefill(prompt, slot)
+        assert (ours.logits - eager.prefill(prompt, slot).logits).abs().max() < 1e-4
+        graphs_run |= {use.graph for use in ours.uses}
+    assert graphs_run == {"prefill_16", "prefill_32", "prefill_chunk_32"}
     for positions in ([11, 30, 50, 0], [70, 30, 100, 0]):  # decode_64, then decode_128
         tokens = [7, 8, 9, 0]
-        assert (aot.decode(tokens, positions) - eager.decode(tokens, positions)).abs().max() < 1e-4
-    assert {"decode_64", "decode_128"} <= set(aot.usage.real)
+        ours = aot.decode(tokens, positions, active=3)
+        assert (ours.logits - eager.decode(tokens, positions, active=3).logits).abs().max() < 1e-4
+        graphs_run |= {use.graph for use in ours.uses}
+    assert {"decode_64", "decode_128"} <= graphs_run
 
 
 def test_recompiling_is_a_cache_hit_even_with_new_serving_settings(tiny_artifacts, tmp_path):
@@ -60,7 +59,7 @@ def test_weights_are_stored_once_for_all_graphs(tiny_artifacts):
 
 
 def _source_tensors():
-    from neuron_serve.weights import load_model_files
+    from neuron_serve.weights.loader import load_model_files
 
     return load_model_files("tiny").state_dict
 
@@ -96,8 +95,11 @@ def test_tensor_parallel_ranks_match_a_single_rank(tiny_artifacts, tmp_path):
     parallel, _ = open_runner(tp2.out_dir)
     try:
         for slot, prompt in enumerate(PROMPTS.values()):
-            assert (parallel.prefill(prompt, slot) - single.prefill(prompt, slot)).abs().max() < 1e-4
-        step = ([5, 6, 7, 0], [11, 30, 90, 0])
-        assert (parallel.decode(*step) - single.decode(*step)).abs().max() < 1e-4
+            assert (parallel.prefill(prompt, slot).logits - single.prefill(prompt, slot).logits).abs().max() < 1e-4
+        step = ([5, 6, 7, 0], [11, 30, 90, 0], 3)
+        assert (parallel.decode(*step).logits - single.decode(*step).logits).abs().max() < 1e-4
+        with pytest.raises(ValueError, match="must be 1 to"):  # every rank refuses it, and serves on
+            parallel.prefill([1] * parallel.graphs.max_seq_len, 0)
+        assert (parallel.prefill([4, 5], 0).logits - single.prefill([4, 5], 0).logits).abs().max() < 1e-4
     finally:
         parallel.close()

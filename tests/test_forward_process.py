@@ -14,10 +14,11 @@ import requests
 from conftest import tiny_recipe
 from server_handle import ServerHandle
 
-from neuron_serve.aot import LoadTimes, open_runner
-from neuron_serve.artifacts import CorruptArtifactError
-from neuron_serve.compiler import compile_recipe
-from neuron_serve.forward_process import ForwardProcess, ForwardProcessError
+from neuron_serve.artifact.manifest import CorruptArtifactError
+from neuron_serve.backends.base import LoadTimes
+from neuron_serve.backends.registry import open_runner
+from neuron_serve.compiler.compile import compile_recipe
+from neuron_serve.engine.forward_process import ForwardProcess, ForwardProcessError
 
 
 @pytest.fixture(scope="module")
@@ -33,18 +34,21 @@ def forward(tiny_artifacts):
 def test_logits_and_padding_counts_match_the_in_process_runner(forward, tiny_artifacts):
     local, _ = open_runner(tiny_artifacts)
     prompt = [5, 9, 200, 31, 7]
-    assert (forward.prefill(prompt, 1) - local.prefill(prompt, 1)).abs().max() < 1e-5
+    remote_prefill, local_prefill = forward.prefill(prompt, 1), local.prefill(prompt, 1)
+    assert (remote_prefill.logits - local_prefill.logits).abs().max() < 1e-5
     tokens, positions = [0, 42, 0, 0], [0, len(prompt), 0, 0]
-    assert (forward.decode(tokens, positions, active=1) - local.decode(tokens, positions, active=1)).abs().max() < 1e-5
-    assert forward.usage.real == local.usage.real and forward.usage.padded == local.usage.padded
-    assert forward.batch_size == local.batch_size and forward.token_buckets == local.token_buckets
+    remote_decode, local_decode = forward.decode(tokens, positions, active=1), local.decode(tokens, positions, active=1)
+    assert (remote_decode.logits - local_decode.logits).abs().max() < 1e-5
+    assert remote_prefill.uses == local_prefill.uses and remote_decode.uses == local_decode.uses
+    assert forward.graphs == local.graphs
     assert {"start_forward_process", "verify_checksums", "load_graphs", "warm_up"} <= set(forward.load_phases)
 
 
 def test_an_error_in_a_call_is_raised_here_and_the_process_serves_on(forward):
-    with pytest.raises(ValueError, match=f"must be 1 to {forward.max_seq_len - 1} tokens"):
-        forward.prefill([1] * forward.max_seq_len, 0)
-    assert forward.prefill([1, 2, 3], 0).shape[0] > 0
+    max_seq_len = forward.graphs.max_seq_len
+    with pytest.raises(ValueError, match=f"must be 1 to {max_seq_len - 1} tokens"):
+        forward.prefill([1] * max_seq_len, 0)
+    assert forward.prefill([1, 2, 3], 0).logits.shape[0] > 0
 
 
 def test_a_corrupt_artifact_is_reported_with_its_own_error(tiny_artifacts, tmp_path):
@@ -65,7 +69,8 @@ def test_a_dead_forward_process_is_a_clear_error(tiny_artifacts):
     process.wait_ready(LoadTimes())
     os.kill(process._process.pid, signal.SIGKILL)
     with pytest.raises(ForwardProcessError, match=r"exited \(exit code -9\)"):
-        process.decode([0] * process.batch_size, [0] * process.batch_size)
+        slots = process.graphs.batch_size
+        process.decode([0] * slots, [0] * slots, active=0)
     with pytest.raises(ForwardProcessError):  # and at once from then on
         process.prefill([1], 0)
     assert reported == ["the forward process exited (exit code -9)"]

@@ -6,19 +6,20 @@ import subprocess
 import sys
 
 import torch
+from conftest import eager_runner
 
-from neuron_serve.detokenizer import IncrementalDetokenizer
-from neuron_serve.generate import encode_prompt, generate, stop_ids
-from neuron_serve.runner import EagerRunner
-from neuron_serve.sampler import SamplingParams, apply_penalties, new_generator, sample_row
-from neuron_serve.weights import build_model
+from neuron_serve.engine.detokenizer import IncrementalDetokenizer
+from neuron_serve.engine.generate import generate
+from neuron_serve.engine.prompts import encode_prompt, stop_ids
+from neuron_serve.engine.sampler import SamplingParams, apply_penalties, new_generator, sample_row
+from neuron_serve.weights.loader import build_model
 
 MULTIBYTE = "Grüße aus Köln, 日本語のテキスト, emoji 🙂🚀, naïve café."
 
 
 def test_default_model_knows_the_capital_of_france(default_loaded):
     model = build_model(default_loaded, 256)
-    runner = EagerRunner(model, batch_size=1, context_buckets=[64, 128], token_buckets=[128, 256])
+    runner = eager_runner(model, 1, context_buckets=[64, 128], token_buckets=[128, 256])
     prompt = encode_prompt(default_loaded.tokenizer, "What is the capital of France?", chat=True)
     eos = stop_ids(default_loaded.tokenizer, default_loaded.config.eos_token_ids)
     text = "".join(

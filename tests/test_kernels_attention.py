@@ -13,18 +13,9 @@ from hypothesis import strategies as st
 
 import nki_kernels
 from nki_kernels import reference
-from nki_kernels.testing import assert_close, randn
+from nki_kernels.testing import assert_close, decode_inputs, prefill_inputs
 
 DTYPES = [torch.float32, torch.bfloat16]
-
-
-def _decode_inputs(S, H, G, L, D, dtype, seed, lengths=None):
-    g = torch.Generator().manual_seed(seed)
-    q = randn(S, H, D, generator=g, dtype=dtype)
-    k_cache, v_cache = randn(S, G, L, D, generator=g, dtype=dtype), randn(S, G, L, D, generator=g, dtype=dtype)
-    if lengths is None:
-        lengths = torch.randint(0, L + 1, (S,), generator=g)
-    return q, k_cache, v_cache, torch.as_tensor(lengths, dtype=torch.int64)
 
 
 # (S, n_heads, n_kv, L, hd, block): GQA 1, 3 and 4; L a multiple of the block or not; L < block.
@@ -41,27 +32,18 @@ DECODE_CASES = [
 @pytest.mark.parametrize("case", DECODE_CASES)
 def test_decode_attention_matches_reference(case, dtype):
     S, H, G, L, D, block = case
-    q, k_cache, v_cache, lengths = _decode_inputs(S, H, G, L, D, dtype, seed=L)
+    q, k_cache, v_cache, lengths = decode_inputs(S, H, G, L, D, dtype, seed=L)
     lengths[0] = L  # always one full slot; the others random, 0 included
     got = nki_kernels.decode_attention(q, k_cache, v_cache, lengths, D**-0.5, block_size=block)
     assert_close(got, reference.decode_attention(q, k_cache, v_cache, lengths, D**-0.5))
 
 
 def test_decode_attention_edge_lengths_and_empty_slot():
-    q, k_cache, v_cache, _ = _decode_inputs(5, 4, 2, 96, 16, torch.float32, seed=1)
+    q, k_cache, v_cache, _ = decode_inputs(5, 4, 2, 96, 16, torch.float32, seed=1)
     lengths = torch.tensor([0, 1, 31, 32, 96])  # empty, one key, either side of a block edge, full
     got = nki_kernels.decode_attention(q, k_cache, v_cache, lengths, 0.25, block_size=32)
     assert torch.equal(got[0], torch.zeros_like(got[0]))
     assert_close(got, reference.decode_attention(q, k_cache, v_cache, lengths, 0.25))
-
-
-def _prefill_inputs(H, G, T, Lk, D, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    return (
-        randn(H, T, D, generator=g, dtype=dtype),
-        randn(G, Lk, D, generator=g, dtype=dtype),
-        randn(G, Lk, D, generator=g, dtype=dtype),
-    )
 
 
 # (n_heads, n_kv, T, q_offset, extra keys, hd, block_q, block_k): GQA 1, 3, 4; ragged blocks;
@@ -80,7 +62,7 @@ PREFILL_CASES = [
 @pytest.mark.parametrize("offset_as_tensor", [False, True])
 def test_prefill_attention_matches_reference(case, dtype, offset_as_tensor):
     H, G, T, offset, extra, D, bq, bk = case
-    q, k, v = _prefill_inputs(H, G, T, offset + T + extra, D, dtype, seed=T)
+    q, k, v = prefill_inputs(H, G, T, offset + T + extra, D, dtype, seed=T)
     q_offset = torch.tensor(offset) if offset_as_tensor else offset
     got = nki_kernels.prefill_attention(q, k, v, q_offset, D**-0.5, block_q=bq, block_k=bk)
     assert_close(got, reference.prefill_attention(q, k, v, offset, D**-0.5))
@@ -96,7 +78,7 @@ def test_prefill_attention_matches_reference(case, dtype, offset_as_tensor):
     seed=st.integers(0, 2**16),
 )
 def test_decode_keys_beyond_length_never_matter(S, rep, G, L, block, seed):
-    q, k_cache, v_cache, lengths = _decode_inputs(S, rep * G, G, L, 8, torch.float32, seed)
+    q, k_cache, v_cache, lengths = decode_inputs(S, rep * G, G, L, 8, torch.float32, seed)
     before = nki_kernels.decode_attention(q, k_cache, v_cache, lengths, 0.5, block_size=block)
     beyond = torch.arange(L)[None, :] >= lengths[:, None]  # [S, L]
     mask = beyond[:, None, :, None]
@@ -120,7 +102,7 @@ def test_decode_keys_beyond_length_never_matter(S, rep, G, L, block, seed):
 def test_prefill_keys_beyond_causal_limit_never_matter(rep, T, offset, extra, blocks, key, seed):
     Lk = offset + T + extra
     j = key % Lk  # perturb key/value j: queries i with j > offset + i must not change
-    q, k, v = _prefill_inputs(rep * 2, 2, T, Lk, 8, torch.float32, seed)
+    q, k, v = prefill_inputs(rep * 2, 2, T, Lk, 8, torch.float32, seed)
     bq, bk = blocks
     before = nki_kernels.prefill_attention(q, k, v, torch.tensor(offset), 0.5, block_q=bq, block_k=bk)
     k2, v2 = k.clone(), v.clone()
@@ -142,7 +124,7 @@ class PrefillModule(torch.nn.Module):
 
 
 def test_decode_attention_exports_and_matches_eager():
-    q, k_cache, v_cache, lengths = _decode_inputs(3, 6, 2, 80, 16, torch.float32, seed=3, lengths=[80, 5, 0])
+    q, k_cache, v_cache, lengths = decode_inputs(3, 6, 2, 80, 16, torch.float32, seed=3, lengths=[80, 5, 0])
     exported = torch.export.export(DecodeModule(), (q, k_cache, v_cache, lengths))
     other_lengths = torch.tensor([1, 33, 64])  # values unlike the traced ones: nothing was baked in
     for lens in (lengths, other_lengths):
@@ -152,7 +134,7 @@ def test_decode_attention_exports_and_matches_eager():
 
 
 def test_prefill_attention_exports_and_matches_eager():
-    q, k, v = _prefill_inputs(6, 2, 20, 70, 16, torch.float32, seed=4)
+    q, k, v = prefill_inputs(6, 2, 20, 70, 16, torch.float32, seed=4)
     exported = torch.export.export(PrefillModule(), (q, k, v, torch.tensor(50)))
     for offset in (50, 3, 0):
         got = exported.module()(q, k, v, torch.tensor(offset))

@@ -10,7 +10,7 @@ import torch
 
 import nki_kernels
 from nki_kernels import reference
-from nki_kernels.testing import assert_close, randn
+from nki_kernels.testing import assert_close, mlp_inputs, randn
 
 
 # (T, H, I, block_i): I a multiple of the block or not, one block, blocks of one unit.
@@ -19,13 +19,7 @@ from nki_kernels.testing import assert_close, randn
     "T,H,I,block_i", [(1, 64, 128, 32), (5, 96, 200, 64), (33, 576, 1536, 512), (130, 64, 100, 512), (2, 8, 5, 1)]
 )
 def test_swiglu_mlp_matches_reference(T, H, I, block_i, dtype):  # noqa: E741
-    g = torch.Generator().manual_seed(T + I)
-    x = randn(T, H, generator=g, dtype=dtype)
-    w_gate, w_up = (
-        randn(I, H, generator=g, dtype=dtype, scale=H**-0.5),
-        randn(I, H, generator=g, dtype=dtype, scale=H**-0.5),
-    )
-    w_down = randn(H, I, generator=g, dtype=dtype, scale=I**-0.5)
+    x, w_gate, w_up, w_down = mlp_inputs(T, H, I, dtype, seed=T + I)
     got = nki_kernels.swiglu_mlp(x, w_gate, w_up, w_down, block_i=block_i)
     assert_close(got, reference.swiglu_mlp(x, w_gate, w_up, w_down))
 

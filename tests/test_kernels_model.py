@@ -13,22 +13,26 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_recipe
+from conftest import eager_runner, tiny_recipe
+from rich.console import Console
 
 import nki_kernels
-from neuron_serve import engine as engine_module
-from neuron_serve.aot import open_runner
-from neuron_serve.compiler import _tracing_model, compile_recipe
-from neuron_serve.config import ModelConfig
-from neuron_serve.engine import Engine
-from neuron_serve.generate import encode_prompt
-from neuron_serve.graphs import GraphSpec, compile_graph, constants_map
-from neuron_serve.metrics import metrics_for
-from neuron_serve.runner import EagerRunner
-from neuron_serve.sampler import SamplingParams
-from neuron_serve.sequence import Finished, Sequence
-from neuron_serve.tiny import write_tiny_model
-from neuron_serve.weights import load_model_files, model_from_state_dict
+from neuron_serve.artifact.compile_cache import CompileCache
+from neuron_serve.artifact.graphs import DECODE, GraphSpec
+from neuron_serve.backends.base import CompileJob
+from neuron_serve.backends.cpu.compile import tracing_model
+from neuron_serve.backends.cpu.export import compile_graph, constants_map
+from neuron_serve.backends.registry import open_runner
+from neuron_serve.compiler.compile import compile_recipe
+from neuron_serve.engine import sampler as sampler_module
+from neuron_serve.engine.engine import Engine
+from neuron_serve.engine.metrics import metrics_for
+from neuron_serve.engine.prompts import encode_prompt
+from neuron_serve.engine.sampler import SamplingParams, fused_is_exact
+from neuron_serve.engine.sequence import Finished, Sequence
+from neuron_serve.model.state import model_from_state_dict
+from neuron_serve.weights.loader import load_model_files
+from neuron_serve.weights.tiny import write_tiny_model
 from nki_kernels import reference
 from nki_kernels.testing import assert_close, randn
 
@@ -57,7 +61,7 @@ def runners(loaded, batch: int, context_buckets: list[int], token_buckets: list[
     pair = []
     for kernels in (frozenset(), ALL):
         model = model_from_state_dict(loaded.config, loaded.state_dict, MAX_SEQ_LEN, kernels=kernels)
-        pair.append(EagerRunner(model, batch, context_buckets, token_buckets))
+        pair.append(eager_runner(model, batch, context_buckets, token_buckets))
     return pair
 
 
@@ -65,13 +69,15 @@ def prompt(length: int, seed: int) -> list[int]:
     return torch.randint(3, 300, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def decode_in_step(plain: EagerRunner, fused: EagerRunner, tokens: list[int], positions: list[int], steps: int):
+def decode_in_step(plain, fused, tokens: list[int], positions: list[int], steps: int):
     """`steps` decode steps on both runners with the same tokens; logits and stored caches agree."""
+    active = sum(p > 0 for p in positions)
     for step in range(steps):
-        assert_near(fused.decode(tokens, positions), plain.decode(tokens, positions), f"decode step {step}")
+        expected = plain.decode(tokens, positions, active).logits
+        assert_near(fused.decode(tokens, positions, active).logits, expected, f"decode step {step}")
         positions = [p + 1 if p else 0 for p in positions]  # position 0 is an idle slot: it stays there
-    assert_near(fused.k_cache, plain.k_cache, "keys stored by decode")
-    assert_near(fused.v_cache, plain.v_cache, "values stored by decode")
+    assert_near(fused.cache.keys, plain.cache.keys, "keys stored by decode")
+    assert_near(fused.cache.values, plain.cache.values, "values stored by decode")
 
 
 def test_prefill_every_bucket_then_decode(loaded):
@@ -80,9 +86,9 @@ def test_prefill_every_bucket_then_decode(loaded):
     # padded one, and a prompt whose decode spans two 512-key blocks.
     for slot, length in ((1, 16), (2, 100), (3, 600)):
         ids = prompt(length, seed=slot)
-        assert_near(fused.prefill(ids, slot), plain.prefill(ids, slot), f"prefill of {length} tokens")
-    assert_near(fused.k_cache, plain.k_cache, "keys stored by prefill")
-    assert_near(fused.v_cache, plain.v_cache, "values stored by prefill")
+        assert_near(fused.prefill(ids, slot).logits, plain.prefill(ids, slot).logits, f"prefill of {length} tokens")
+    assert_near(fused.cache.keys, plain.cache.keys, "keys stored by prefill")
+    assert_near(fused.cache.values, plain.cache.values, "values stored by prefill")
     decode_in_step(plain, fused, [5, 6, 7, 8], [0, 16, 100, 600], steps=3)
 
 
@@ -90,15 +96,16 @@ def test_chunked_prefill_then_decode(loaded):
     """The chunk graph keeps SDPA for attention but uses the norm, qkv and MLP kernels."""
     plain, fused = runners(loaded, 2, context_buckets=[8, 16], token_buckets=[64])
     ids = prompt(45, seed=7)
-    assert_near(fused.prefill(ids, 1), plain.prefill(ids, 1), "chunked prefill")
-    assert fused.usage.real["prefill_chunk"] == 45 - 16
+    chunked = fused.prefill(ids, 1)
+    assert_near(chunked.logits, plain.prefill(ids, 1).logits, "chunked prefill")
+    assert sum(use.real for use in chunked.uses if use.graph == "prefill_chunk_16") == 45 - 16
     decode_in_step(plain, fused, [9, 10], [0, 45], steps=3)
 
 
 def test_decode_graph_with_kernels_matches_eager_model(loaded, tmp_path):
     """One decode graph traced with every kernel, through torch.export + AOTInductor."""
     plain, fused = runners(loaded, 3, context_buckets=[32], token_buckets=[64])
-    path = compile_graph(fused.model, GraphSpec("decode", 64), 3, tmp_path / "decode_64.pt2")
+    path = compile_graph(fused.model, GraphSpec(DECODE, 64), 3, tmp_path / "decode_64.pt2")
     package = torch._inductor.aoti_load_package(str(path))
     state = dict(fused.model.named_parameters(remove_duplicate=False)) | dict(fused.model.named_buffers())
     package.load_constants(constants_map(package, state), check_full_update=True, user_managed=True)
@@ -106,11 +113,12 @@ def test_decode_graph_with_kernels_matches_eager_model(loaded, tmp_path):
         plain.prefill(prompt(length, seed=slot), slot)
     tokens, positions = torch.tensor([4, 5, 6]), torch.tensor([0, 30, 9])
     for step in range(3):
-        expected = plain.model.decode(tokens, positions, plain.k_cache, plain.v_cache, 64)
-        got = package(tokens, positions, plain.k_cache, plain.v_cache)
+        cache = plain.cache
+        expected = plain.model.decode(tokens, positions, cache.keys, cache.values, 64)
+        got = package(tokens, positions, cache.keys, cache.values)
         for name, a, b in zip(("logits", "keys", "values"), got, expected, strict=True):
             assert_near(a, b, f"graph {name}, step {step}")
-        plain.store_decode(positions, *expected[1:])
+        cache.store_decode(positions, *expected[1:])
         positions = torch.where(positions > 0, positions + 1, 0)
 
 
@@ -133,15 +141,18 @@ def test_recipe_kernels_reach_the_traced_and_the_eager_model(tmp_path):
     artifacts = compile_recipe(recipe, tmp_path / "tiny-eager").out_dir
     runner, manifest = open_runner(artifacts)
     assert runner.model.kernels == ALL
-    assert _tracing_model(recipe, ModelConfig.from_dict(manifest.model_config), artifacts).kernels == ALL
+    job = CompileJob(
+        recipe, manifest.model_config, artifacts, tmp_path, CompileCache(tmp_path / "cache"), Console(), {}
+    )
+    assert tracing_model(job).kernels == ALL
     with pytest.raises(ValueError, match="unknown kernels"):
-        model_from_state_dict(ModelConfig.from_dict(manifest.model_config), {}, 8, kernels=frozenset({"flash"}))
+        model_from_state_dict(manifest.model_config, {}, 8, kernels=frozenset({"flash"}))
 
 
 def run_engine(loaded, requests: list[tuple[list[int], SamplingParams]]) -> list[list[int]]:
     """All requests admitted together into one engine with the sampling kernel; their output ids."""
     model = model_from_state_dict(loaded.config, loaded.state_dict, 128)
-    runner = EagerRunner(model, len(requests), context_buckets=[16], token_buckets=[64, 128])
+    runner = eager_runner(model, len(requests), context_buckets=[16], token_buckets=[64, 128])
     engine = Engine(runner, metrics_for("kernels-test"), max_waiting=8, kernels=frozenset({"sampling"}))
     seqs = [Sequence(ids, params, loaded.tokenizer, frozenset()) for ids, params in requests]
     for seq in seqs:
@@ -165,7 +176,7 @@ def test_engine_fused_sampling_is_reproducible_under_batching(loaded, monkeypatc
         calls.append(logits.shape[0])
         return sample(logits, *args)
 
-    monkeypatch.setattr(engine_module.nki_kernels, "sample", spy)
+    monkeypatch.setattr(sampler_module.nki_kernels, "sample", spy)
     ids = prompt(10, seed=1)
     seeded = (ids, SamplingParams(max_tokens=12, temperature=0.9, top_k=50, top_p=0.95, seed=11, ignore_eos=True))
     alone = run_engine(loaded, [seeded])[0]
@@ -187,21 +198,19 @@ def test_default_model_greedy_chat_answer_is_the_same_with_kernels(default_loade
     answers = []
     for kernels in (frozenset(), ALL):
         model = model_from_state_dict(default_loaded.config, default_loaded.state_dict, 256, kernels=kernels)
-        runner = EagerRunner(model, 1, context_buckets=[64], token_buckets=[256])
-        out = [int(runner.prefill(ids, 0).argmax())]
+        runner = eager_runner(model, 1, context_buckets=[64], token_buckets=[256])
+        out = [int(runner.prefill(ids, 0).logits.argmax())]
         for _ in range(23):
-            out.append(int(runner.decode([out[-1]], [len(ids) + len(out) - 1])[0].argmax()))
+            out.append(int(runner.decode([out[-1]], [len(ids) + len(out) - 1], 1).logits[0].argmax()))
         answers.append(out)
     assert answers[0] == answers[1], [default_loaded.tokenizer.decode(a) for a in answers]
     assert "Paris" in default_loaded.tokenizer.decode(answers[1])
 
 
 def test_requests_the_fused_sampler_cannot_honour_exactly_are_sampled_per_row():
-    from neuron_serve.engine import _fused_is_exact
+    def params(**changes):
+        return SamplingParams(temperature=1.0, **changes)
 
-    def seq(**params):
-        return Sequence([1], SamplingParams(temperature=1.0, **params), None, frozenset())
-
-    assert _fused_is_exact(seq(top_k=50, top_p=0.9)) and _fused_is_exact(seq())
-    assert not _fused_is_exact(seq(top_p=0.9)), "a nucleus over the whole vocabulary may exceed the candidate cap"
-    assert not _fused_is_exact(seq(top_k=1000))
+    assert fused_is_exact(params(top_k=50, top_p=0.9)) and fused_is_exact(params())
+    assert not fused_is_exact(params(top_p=0.9)), "a nucleus over the whole vocabulary may exceed the candidate cap"
+    assert not fused_is_exact(params(top_k=1000))

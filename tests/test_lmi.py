@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from neuron_serve.lmi import convert_lmi, ladder, parse_properties
-from neuron_serve.recipe import load_recipe, recipe_errors
-from neuron_serve.recipe_cli import add_recipe_parser
+from neuron_serve.recipe.cli import add_recipe_parser
+from neuron_serve.recipe.files import load_recipe
+from neuron_serve.recipe.lmi import convert_lmi, ladder, parse_properties
+from neuron_serve.recipe.validation import recipe_errors
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "serving.properties"
 

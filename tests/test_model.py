@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import eager_runner
 from hf_reference import hf_logits, hf_model
 
-from neuron_serve.runner import EagerRunner
-from neuron_serve.tiny import write_tiny_model
-from neuron_serve.weights import build_model, load_model_files
+from neuron_serve.weights.loader import build_model, load_model_files
+from neuron_serve.weights.tiny import write_tiny_model
 
 TOLERANCE = 1e-3  # fp32; observed differences are ~1e-6 (summation order inside matmuls)
 
@@ -31,12 +31,12 @@ VARIANTS = {
 
 def prefill_then_decode(model, ids: list[int], prompt_len: int, bucket: int, slot: int, slots: int = 3):
     """Our logits for positions prompt_len-1 .. len(ids)-1: one prefill, then decode steps."""
-    runner = EagerRunner(model, slots, context_buckets=[bucket], token_buckets=[model.max_seq_len])
-    rows = [runner.prefill(ids[:prompt_len], slot)]
+    runner = eager_runner(model, slots, context_buckets=[bucket], token_buckets=[model.max_seq_len])
+    rows = [runner.prefill(ids[:prompt_len], slot).logits]
     for position in range(prompt_len, len(ids)):
         tokens, positions = [0] * slots, [0] * slots
         tokens[slot], positions[slot] = ids[position], position
-        rows.append(runner.decode(tokens, positions)[slot])
+        rows.append(runner.decode(tokens, positions, active=1).logits[slot])
     return torch.stack(rows)
 
 
@@ -61,10 +61,11 @@ def test_decode_slots_at_different_positions_match_each_alone(tiny_loaded):
     """Each slot's logits in a mixed batch equal those of its sequence run alone."""
     model = build_model(tiny_loaded, 64)
     sequences = [list(range(5, 5 + n)) for n in (7, 19, 3, 12)]
-    runner = EagerRunner(model, len(sequences), context_buckets=[32], token_buckets=[32, 64])
+    runner = eager_runner(model, len(sequences), context_buckets=[32], token_buckets=[32, 64])
     for slot, seq in enumerate(sequences):
         runner.prefill(seq[:-1], slot)
-    batched = runner.decode([seq[-1] for seq in sequences], [len(seq) - 1 for seq in sequences])
+    positions = [len(seq) - 1 for seq in sequences]
+    batched = runner.decode([seq[-1] for seq in sequences], positions, active=len(sequences)).logits
     for slot, seq in enumerate(sequences):
         alone = prefill_then_decode(model, seq, len(seq) - 1, bucket=32, slot=0, slots=1)[-1]
         assert (batched[slot] - alone).abs().max() < 1e-5, f"slot {slot} differs when batched"
@@ -75,9 +76,11 @@ def test_chunked_prefill_matches_unchunked(tiny_loaded):
     the cache it leaves gives the same next decode step."""
     model = build_model(tiny_loaded, 64)
     ids = [(i * 7) % 300 + 3 for i in range(45)]
-    whole = EagerRunner(model, 2, context_buckets=[64], token_buckets=[64])
-    chunked = EagerRunner(model, 2, context_buckets=[8, 16], token_buckets=[64])
-    assert (chunked.prefill(ids, slot=1) - whole.prefill(ids, slot=1)).abs().max() < 1e-4
-    assert chunked.usage.real["prefill_chunk"] == 45 - 16, "the rest went through the chunk graph"
-    step = ([0, 17], [0, 45])
-    assert (chunked.decode(*step)[1] - whole.decode(*step)[1]).abs().max() < 1e-4
+    whole = eager_runner(model, 2, context_buckets=[64], token_buckets=[64])
+    chunked = eager_runner(model, 2, context_buckets=[8, 16], token_buckets=[64])
+    chunked_prefill = chunked.prefill(ids, slot=1)
+    assert (chunked_prefill.logits - whole.prefill(ids, slot=1).logits).abs().max() < 1e-4
+    uses = [(use.graph, use.real, use.padded) for use in chunked_prefill.uses]
+    assert uses == [("prefill_16", 16, 16), ("prefill_chunk_16", 16, 16), ("prefill_chunk_16", 13, 16)]
+    step = ([0, 17], [0, 45], 1)
+    assert (chunked.decode(*step).logits[1] - whole.decode(*step).logits[1]).abs().max() < 1e-4

@@ -8,22 +8,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from neuron_serve.neuron import backend
-from neuron_serve.recipe import load_recipe
+from neuron_serve.backends.neuron import sdk
+from neuron_serve.recipe.files import load_recipe
 
 LLAMA = Path(__file__).resolve().parent.parent / "compile" / "llama-3.1-8b-inf2.48xlarge.toml"
 
 
-@pytest.mark.skipif(backend.is_available(), reason="the Neuron SDK is installed here")
+@pytest.mark.skipif(sdk.is_available(), reason="the Neuron SDK is installed here")
 def test_without_sdk_the_error_names_the_pip_packages(tmp_path):
-    assert backend.missing_packages()
-    with pytest.raises(backend.NeuronUnavailable, match="torch-neuronx") as info:
-        backend.compile_graphs(
+    assert sdk.missing_packages()
+    with pytest.raises(sdk.NeuronUnavailable, match="torch-neuronx") as info:
+        sdk.compile_graphs(
             load_recipe(LLAMA), lambda key: torch.nn.Identity(), {}, None, tmp_path / "o", tmp_path / "w"
         )
     assert "pip.repos.neuron.amazonaws.com" in str(info.value)
-    with pytest.raises(backend.NeuronUnavailable):
-        backend.load_compiled(tmp_path / "o", tp_degree=1)
+    with pytest.raises(sdk.NeuronUnavailable):
+        sdk.load_compiled(tmp_path / "o", tp_degree=1)
 
 
 class TwoLinear(torch.nn.Module):
@@ -47,7 +47,7 @@ def test_trace_save_load_two_buckets_on_a_neuroncore(tmp_path):
     recipe.target = dataclasses.replace(recipe.target, tp_degree=1)
     recipe.compiler = dataclasses.replace(recipe.compiler, auto_cast="none")  # exact fp32 comparison
     inputs = {"bucket_4": (torch.randn(4, 16),), "bucket_8": (torch.randn(8, 16),)}
-    backend.compile_graphs(recipe, lambda key: TwoLinear(), inputs, lambda: state, tmp_path / "out", tmp_path / "work")
-    model = backend.load_compiled(tmp_path / "out", tp_degree=1)
+    sdk.compile_graphs(recipe, lambda key: TwoLinear(), inputs, lambda: state, tmp_path / "out", tmp_path / "work")
+    model = sdk.load_compiled(tmp_path / "out", tp_degree=1)
     for (x,) in inputs.values():  # each shape routes to its own graph
         torch.testing.assert_close(model(x), reference(x))

@@ -21,14 +21,13 @@ from conftest import tiny_recipe
 from safetensors.torch import save_file
 from torch import nn
 
-from neuron_serve.aot import LoadTimes
-from neuron_serve.artifacts import ArtifactManifest, GraphRecord, toolchain_versions, write_manifest
-from neuron_serve.config import ModelConfig
-from neuron_serve.model import LlamaModel
-from neuron_serve.neuron import backend
-from neuron_serve.neuron.compile import compile_for_neuron, graph_factory, recipe_example_inputs, recipe_graphs
-from neuron_serve.neuron.cores import visible_core_count
-from neuron_serve.neuron.neuron_graphs import (
+from neuron_serve.artifact.manifest import ArtifactManifest, GraphRecord, toolchain_versions, write_manifest
+from neuron_serve.backends.base import LoadTimes
+from neuron_serve.backends.cpu.runners import EagerRunner
+from neuron_serve.backends.neuron import sdk
+from neuron_serve.backends.neuron.compile import compile_for_neuron, graph_factory, recipe_example_inputs, recipe_graphs
+from neuron_serve.backends.neuron.cores import visible_core_count
+from neuron_serve.backends.neuron.graphs import (
     MODEL_PREFIX,
     RANK_WEIGHT,
     cache_heads,
@@ -37,16 +36,19 @@ from neuron_serve.neuron.neuron_graphs import (
     rank_weights,
     select_local_heads,
 )
-from neuron_serve.neuron.parallel_model import (
+from neuron_serve.backends.neuron.parallel_model import (
     LayerReducedTensorParallel,
     build_parallel_model,
     parallel_linear_plan,
 )
-from neuron_serve.neuron.runner import NeuronRunner, check_visible_cores
-from neuron_serve.runner import EagerRunner
-from neuron_serve.sharding import shard_state_dict
-from neuron_serve.tiny import TINY_CONFIG, random_state_dict
-from neuron_serve.weights import LoadedModel, build_model
+from neuron_serve.backends.neuron.runner import NeuronRunner, check_visible_cores
+from neuron_serve.model.config import ModelConfig
+from neuron_serve.model.llama import LlamaModel
+from neuron_serve.model.sharding import shard_state_dict
+from neuron_serve.model.state import stored_shard
+from neuron_serve.weights.loaded import LoadedModel
+from neuron_serve.weights.loader import build_model
+from neuron_serve.weights.tiny import TINY_CONFIG, random_state_dict
 
 # LlamaModel.group (query heads per KV head, for the prompt mask) is computed from the global head
 # counts; with replicated KV heads (fewer than ranks) each rank's ratio differs from it.
@@ -296,18 +298,18 @@ def write_artifact(directory: Path, recipe, loaded, graphs: list[GraphRecord] | 
     degree, weights = recipe.target.tp_degree, []
     (directory / "weights").mkdir(parents=True)
     for rank in range(degree):
-        shard = shard_state_dict(loaded.config, loaded.state_dict, degree, rank)
-        save_file({k: v.contiguous() for k, v in shard.items()}, directory / "weights" / f"rank{rank}.safetensors")
+        shard = stored_shard(loaded.config, loaded.state_dict, degree, rank)
+        save_file(shard, directory / "weights" / f"rank{rank}.safetensors")
         weights.append(f"weights/rank{rank}.safetensors")
     if graphs is None:
         graphs = compile_for_neuron(recipe, loaded.config, directory)
-    manifest = ArtifactManifest(recipe.to_dict(), loaded.config.to_dict(), {}, toolchain_versions(), weights, graphs)
+    manifest = ArtifactManifest(recipe, loaded.config, {}, toolchain_versions(), weights, graphs)
     write_manifest(directory, manifest)
     return manifest
 
 
 class CpuRoutedModel:
-    """What `backend.load_compiled` returns, on the CPU: per graph, one module per rank, built by the
+    """What `sdk.load_compiled` returns, on the CPU: per graph, one module per rank, built by the
     compile step's factory (with the default, here emulated, NxD layers) and given that rank's
     weights by name; a call goes to the graph whose input shapes it has, as NxD's router does, and
     returns rank 0's outputs."""
@@ -352,28 +354,29 @@ def test_the_runner_matches_the_eager_model_in_every_bucket(tmp_path, emulated_n
         return CpuRoutedModel(recipe, config, weights, world)
 
     runner = NeuronRunner(tmp_path / "artifact", manifest, LoadTimes(), load=load)
-    assert runner.k_cache.shape[2] == cache_heads(config, tp)
+    assert runner.cache.keys.shape[2] == cache_heads(config, tp)
     compare_with_eager(runner, loaded, recipe, tolerance=1e-4)
 
 
 def compare_with_eager(runner, loaded, recipe, tolerance: float) -> None:
-    shapes = recipe.shapes
-    eager = EagerRunner(
-        build_model(loaded, shapes.max_seq_len), shapes.batch_size, shapes.context_buckets, shapes.token_buckets
-    )
+    eager = EagerRunner(build_model(loaded, recipe.shapes.max_seq_len), runner.graphs)
+    graphs_run = set()
     for slot, prompt in enumerate(PROMPTS.values()):
-        torch.testing.assert_close(runner.prefill(prompt, slot), eager.prefill(prompt, slot), atol=tolerance, rtol=0)
-    assert set(runner.usage.real) == {"prefill_16", "prefill_32", "prefill_chunk"}
+        ours = runner.prefill(prompt, slot)
+        torch.testing.assert_close(ours.logits, eager.prefill(prompt, slot).logits, atol=tolerance, rtol=0)
+        graphs_run |= {use.graph for use in ours.uses}
+    assert graphs_run == {"prefill_16", "prefill_32", "prefill_chunk_32"}
     for positions in ([11, 30, 50, 0], [70, 30, 100, 0]):  # decode_64, then decode_128
         tokens = [7, 8, 9, 0]
-        expected = eager.decode(tokens, positions)
-        torch.testing.assert_close(runner.decode(tokens, positions), expected, atol=tolerance, rtol=0)
-    assert {"decode_64", "decode_128"} <= set(runner.usage.real)
+        ours, expected = runner.decode(tokens, positions, active=3), eager.decode(tokens, positions, active=3)
+        torch.testing.assert_close(ours.logits, expected.logits, atol=tolerance, rtol=0)
+        graphs_run |= {use.graph for use in ours.uses}
+    assert {"decode_64", "decode_128"} <= graphs_run
 
 
-@pytest.mark.skipif(backend.is_available(), reason="the Neuron SDK is installed here")
+@pytest.mark.skipif(sdk.is_available(), reason="the Neuron SDK is installed here")
 def test_compiling_for_neuron_without_the_sdk_names_the_packages(tmp_path, tiny_loaded):
-    with pytest.raises(backend.NeuronUnavailable, match="neuronx-distributed"):
+    with pytest.raises(sdk.NeuronUnavailable, match="neuronx-distributed"):
         compile_for_neuron(neuron_recipe(), tiny_loaded.config, tmp_path)
 
 

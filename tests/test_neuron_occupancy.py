@@ -6,8 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from neuron_serve.neuron.monitor import parse_report
-from neuron_serve.neuron.occupancy import parse_visible_cores, replica_occupancy, watch_monitor
+from neuron_serve.backends.neuron.monitor import parse_report
+from neuron_serve.backends.neuron.occupancy import parse_visible_cores, replica_occupancy, watch_monitor
 
 SAMPLE = Path(__file__).parent / "data" / "neuron_monitor_sample.json"
 

@@ -10,17 +10,10 @@ from types import SimpleNamespace
 import pytest
 import tomli_w
 
-from neuron_serve.recipe import (
-    Recipe,
-    RecipeError,
-    known_kernels,
-    load_recipe,
-    recipe_errors,
-    recipe_from_dict,
-    save_recipe,
-    validate_recipe,
-)
-from neuron_serve.recipe_cli import add_recipe_parser
+from neuron_serve.recipe.cli import add_recipe_parser
+from neuron_serve.recipe.files import load_recipe, recipe_from_dict, save_recipe
+from neuron_serve.recipe.schema import Recipe, RecipeError
+from neuron_serve.recipe.validation import known_kernels, recipe_errors, validate_recipe
 
 COMPILE_DIR = Path(__file__).resolve().parent.parent / "compile"
 SHIPPED = sorted(COMPILE_DIR.glob("*.toml"))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neuron_serve.sharding import kv_head_range, shard_state_dict
-from neuron_serve.tiny import write_tiny_model
-from neuron_serve.weights import load_model_files
+from neuron_serve.model.sharding import kv_head_range, shard_state_dict
+from neuron_serve.weights.loader import load_model_files
+from neuron_serve.weights.tiny import write_tiny_model
 
 
 def reassemble(config, shards: list[dict[str, torch.Tensor]], name: str) -> torch.Tensor:

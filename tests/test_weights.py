@@ -7,20 +7,21 @@ import json
 
 import pytest
 import torch
+from conftest import eager_runner
 from gguf import GGMLQuantizationType
 from gguf_export import export_gguf
 
-from neuron_serve import sources
-from neuron_serve.config import UnsupportedModelError
-from neuron_serve.runner import EagerRunner
-from neuron_serve.weights import MissingWeightsError, build_model, load_model_files
+from neuron_serve.model.config import UnsupportedModelError
+from neuron_serve.model.state import MissingWeightsError
+from neuron_serve.weights import sources
+from neuron_serve.weights.loader import build_model, load_model_files
 
 TEXT = "Paris is the capital of France. Grüße 🙂"
 
 
 def last_logits(loaded, ids):
-    runner = EagerRunner(build_model(loaded, 64), 1, context_buckets=[32], token_buckets=[64])
-    return runner.prefill(ids, slot=0)
+    runner = eager_runner(build_model(loaded, 64), 1, context_buckets=[32], token_buckets=[64])
+    return runner.prefill(ids, slot=0).logits
 
 
 def test_gguf_and_hf_directory_give_the_same_model(tiny_dir, tmp_path):

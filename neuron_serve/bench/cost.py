@@ -1,4 +1,4 @@
-"""What the measured throughput costs on an Inf2/Trn1 instance, from the catalog in ``neuron_serve.instances``.
+"""What the measured throughput costs on an Inf2/Trn1 instance, from the catalog in ``neuron_serve.recipe.instances``.
 
 The instance runs ``replicas`` model replicas; the endpoint that was measured ran ``measured_replicas``
 of them (by default all of them: the benchmark hit the whole instance). When fewer were measured, the
@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from neuron_serve.instances import PRICE_SOURCE, Instance, get_instance, load_price_overrides
+from neuron_serve.recipe.instances import PRICE_SOURCE, Instance, get_instance, load_price_overrides
 
 SECONDS_PER_HOUR = 3600.0
 

@@ -1,4 +1,4 @@
-"""q/k/v projections fused with RoPE (and, for decode, with the KV-cache write), on the CPU.
+"""q/k/v projections fused with RoPE, on the CPU.
 
 The NKI kernel computes x @ [Wq; Wk; Wv]^T in 512-column PSUM tiles (H contracted in 128-row
 chunks, fp32 accumulation) and applies RoPE to each head while the tile is still on chip, before the
@@ -49,29 +49,3 @@ def qkv_rope(
     k = _rope(_project(xf, wk, bk, n_kv_heads), cosf, sinf)
     v = _project(xf, wv, bv, n_kv_heads)
     return q.to(x.dtype), k.to(x.dtype), v.to(x.dtype)
-
-
-def qkv_rope_cache_write(
-    x: torch.Tensor,
-    wq: torch.Tensor,
-    wk: torch.Tensor,
-    wv: torch.Tensor,
-    bq: torch.Tensor | None,
-    bk: torch.Tensor | None,
-    bv: torch.Tensor | None,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    n_heads: int,
-    n_kv_heads: int,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slots: torch.Tensor,
-    positions: torch.Tensor,
-) -> torch.Tensor:
-    """qkv_rope, then token i's k and v written in place at cache[slots[i], :, positions[i]]
-    (caches: [slots, n_kv, max_len, hd]); returns q. Each (slot, position) pair must be distinct."""
-    q, k, v = qkv_rope(x, wq, wk, wv, bq, bk, bv, cos, sin, n_heads, n_kv_heads)
-    # One scatter per cache (index_put_), which torch.export records as a mutation of the cache.
-    k_cache[slots, :, positions] = k.to(k_cache.dtype)
-    v_cache[slots, :, positions] = v.to(v_cache.dtype)
-    return q

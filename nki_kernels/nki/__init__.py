@@ -8,7 +8,7 @@ simulated or run on a NeuronCore (see nki_kernels/README.md).
 
 from nki_kernels.nki.decode_attention import decode_attention_kernel
 from nki_kernels.nki.prefill_attention import prefill_attention_kernel
-from nki_kernels.nki.qkv_rope import qkv_rope_cache_kernel, qkv_rope_kernel
+from nki_kernels.nki.qkv_rope import qkv_rope_kernel
 from nki_kernels.nki.rmsnorm_residual import rmsnorm_kernel, rmsnorm_residual_kernel
 from nki_kernels.nki.sampling import sample_kernel
 from nki_kernels.nki.swiglu_mlp import swiglu_mlp_kernel
@@ -16,7 +16,6 @@ from nki_kernels.nki.swiglu_mlp import swiglu_mlp_kernel
 __all__ = [
     "decode_attention_kernel",
     "prefill_attention_kernel",
-    "qkv_rope_cache_kernel",
     "qkv_rope_kernel",
     "rmsnorm_kernel",
     "rmsnorm_residual_kernel",

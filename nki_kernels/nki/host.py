@@ -1,7 +1,7 @@
 """Host-side glue: the CPU functions' signatures on top of the NKI kernels, run in NKI's CPU
 simulator (nki.simulate, which takes and returns torch tensors). It prepares the layouts the kernels
-take (weights transposed, lengths and offsets as fp32, cache row indices) as the Neuron backend does
-once at load time, so the simulator tests exercise the kernels' real entry points. Set
+take (weights transposed, lengths and offsets as fp32) as the Neuron backend does once at load
+time, so the simulator tests exercise the kernels' real entry points. Set
 NEURON_PLATFORM_TARGET_OVERRIDE (e.g. inf2) before calling.
 """
 
@@ -12,7 +12,7 @@ import torch
 
 from nki_kernels.nki.decode_attention import decode_attention_kernel
 from nki_kernels.nki.prefill_attention import prefill_attention_kernel
-from nki_kernels.nki.qkv_rope import qkv_rope_cache_kernel, qkv_rope_kernel
+from nki_kernels.nki.qkv_rope import qkv_rope_kernel
 from nki_kernels.nki.rmsnorm_residual import rmsnorm_kernel, rmsnorm_residual_kernel
 from nki_kernels.nki.sampling import sample_kernel
 from nki_kernels.nki.swiglu_mlp import swiglu_mlp_kernel
@@ -49,27 +49,6 @@ def qkv_rope(x, wq, wk, wv, bq, bk, bv, cos, sin, n_heads, n_kv_heads):
     )
     T = x.shape[0]
     return q.view(T, n_heads, -1), k.view(T, n_kv_heads, -1), v.view(T, n_kv_heads, -1)
-
-
-def qkv_rope_cache_write(x, wq, wk, wv, bq, bk, bv, cos, sin, n_heads, n_kv_heads, k_cache, v_cache, slots, positions):
-    w_qkv_t, bias = _qkv_layout(x, wq, wk, wv, bq, bk, bv)
-    _, G, L, D = k_cache.shape
-    rows = ((slots[:, None] * G + torch.arange(G)[None, :]) * L + positions[:, None]).to(torch.uint32)
-    q, k_rows, v_rows = nki.simulate(qkv_rope_cache_kernel)(
-        x.contiguous(),
-        w_qkv_t,
-        bias,
-        cos.float().contiguous(),
-        sin.float().contiguous(),
-        k_cache.reshape(-1, D).contiguous(),
-        v_cache.reshape(-1, D).contiguous(),
-        rows.contiguous(),
-        n_heads,
-        n_kv_heads,
-    )
-    k_cache.copy_(k_rows.view(k_cache.shape))
-    v_cache.copy_(v_rows.view(v_cache.shape))
-    return q.view(x.shape[0], n_heads, -1)
 
 
 def decode_attention(q, k_cache, v_cache, lengths, scale):

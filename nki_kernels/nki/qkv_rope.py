@@ -1,4 +1,4 @@
-"""NKI: q/k/v projections fused with RoPE, and the decode form that also writes the KV cache.
+"""NKI: q/k/v projections fused with RoPE.
 
 Layouts (the Neuron backend prepares them once, at weight-load time): w_qkv_t [H, F] is
 [Wq; Wk; Wv]^T, F = (n_heads + 2 n_kv_heads) * hd, so the contraction dim H lies on the partitions
@@ -6,7 +6,7 @@ as nc_matmul needs; bias [1, F] (zeros when the model has none); cos, sin [T, hd
 
 Per tile of up to 128 tokens: x^T in 128-row chunks (Tensor Engine transposes); for each group of
 heads that fits one PSUM bank (512 fp32 columns), x @ W^T accumulated over the H chunks; + bias;
-RoPE on q and k heads while the fp32 tile is on chip; one cast; store (or scatter into the cache).
+RoPE on q and k heads while the fp32 tile is on chip; one cast; store.
 """
 
 from __future__ import annotations
@@ -62,9 +62,8 @@ def _project_tile(x_t: list, w_qkv_t, bias_rows, rows: int, first_head: int, cou
     return out
 
 
-def _qkv_heads(x, w_qkv_t, bias, cos, sin, n_heads: int, n_kv_heads: int, outputs, cache_rows, scatter: bool) -> None:
-    """Projection + RoPE, each finished head handed to _emit_head. outputs = (q, k, v) HBM tensors;
-    when scatter is set, k and v are cache row views and cache_rows says where each token goes."""
+def _qkv_heads(x, w_qkv_t, bias, cos, sin, n_heads: int, n_kv_heads: int, outputs) -> None:
+    """Projection + RoPE, each finished head handed to _store_head; outputs = (q, k, v) HBM tensors."""
     T = x.shape[0]
     hd = cos.shape[1]
     F = w_qkv_t.shape[1]
@@ -82,24 +81,17 @@ def _qkv_heads(x, w_qkv_t, bias, cos, sin, n_heads: int, n_kv_heads: int, output
                     rotated = sbuf((rows, hd), nl.float32)
                     _rope_head(rotated, tile, j * hd, cos_t, sin_t, rows, hd)
                     src = rotated
-                _emit_head(src, head, n_heads, n_kv_heads, start, rows, hd, outputs, cache_rows, scatter)
+                _store_head(src, head, n_heads, n_kv_heads, start, rows, hd, outputs)
 
 
-def _emit_head(
-    src, head: int, n_heads: int, n_kv_heads: int, start: int, rows: int, hd: int, outputs, cache_rows, scatter: bool
-) -> None:
-    """Casts one fp32 head tile and stores it: a column block of q/k/v, or a scatter into a cache."""
+def _store_head(src, head: int, n_heads: int, n_kv_heads: int, start: int, rows: int, hd: int, outputs) -> None:
+    """Casts one fp32 head tile and stores it as a column block of q, k or v."""
     kind = 0 if head < n_heads else (1 if head < n_heads + n_kv_heads else 2)
     index = head - (0, n_heads, n_heads + n_kv_heads)[kind]
     dst = outputs[kind]
     value = sbuf((rows, hd), dst.dtype)
     nisa.tensor_copy(dst=value, src=src)
-    if kind == 0 or not scatter:
-        nisa.dma_copy(dst=dst[start : start + rows, index * hd : (index + 1) * hd], src=value)
-        return
-    row_index = load(cache_rows[start : start + rows, index : index + 1], (rows, 1), nl.uint32)
-    # Scatter: partition p's hd values go to cache row row_index[p] (indirect DMA on dim 0).
-    nisa.dma_copy(dst=dst.ap(pattern=[[hd, rows], [1, hd]], vector_offset=row_index, indirect_dim=0), src=value)
+    nisa.dma_copy(dst=dst[start : start + rows, index * hd : (index + 1) * hd], src=value)
 
 
 @nki.jit
@@ -109,20 +101,5 @@ def qkv_rope_kernel(x, w_qkv_t, bias, cos, sin, n_heads: int, n_kv_heads: int):
     q = nl.ndarray((T, n_heads * hd), dtype=x.dtype, buffer=nl.shared_hbm)
     k = nl.ndarray((T, n_kv_heads * hd), dtype=x.dtype, buffer=nl.shared_hbm)
     v = nl.ndarray((T, n_kv_heads * hd), dtype=x.dtype, buffer=nl.shared_hbm)
-    # No cache to scatter into: `x` only fills the unused cache_rows slot.
-    _qkv_heads(x, w_qkv_t, bias, cos, sin, n_heads, n_kv_heads, (q, k, v), x, scatter=False)
+    _qkv_heads(x, w_qkv_t, bias, cos, sin, n_heads, n_kv_heads, (q, k, v))
     return q, k, v
-
-
-@nki.jit
-def qkv_rope_cache_kernel(
-    x, w_qkv_t, bias, cos, sin, k_cache_rows, v_cache_rows, cache_rows, n_heads: int, n_kv_heads: int
-):
-    """As qkv_rope_kernel, but k and v go straight into the caches; returns (q, k_cache_rows,
-    v_cache_rows). Caches are viewed as rows [slots * n_kv * max_len, hd]; cache_rows [T, n_kv]
-    uint32 holds each token's row per kv head, (slot * n_kv + g) * max_len + position."""
-    T, hd = x.shape[0], cos.shape[1]
-    q = nl.ndarray((T, n_heads * hd), dtype=x.dtype, buffer=nl.shared_hbm)
-    outputs = (q, k_cache_rows, v_cache_rows)
-    _qkv_heads(x, w_qkv_t, bias, cos, sin, n_heads, n_kv_heads, outputs, cache_rows, scatter=True)
-    return q, k_cache_rows, v_cache_rows

@@ -1,0 +1,120 @@
+"""The artifact directory: manifest.json, weight shards, compiled graphs and the tokenizer.
+
+Every file is listed in the manifest with its size and SHA-256; loading checks them first, so a
+corrupt or truncated file is an error that names it, never garbage output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import neuron_serve
+from neuron_serve.model.config import ModelConfig
+from neuron_serve.recipe.files import recipe_from_dict
+from neuron_serve.recipe.schema import Recipe, RecipeError
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class CorruptArtifactError(ValueError):
+    """An artifact file is missing, truncated or altered."""
+
+
+@dataclass
+class GraphRecord:
+    name: str
+    kind: str
+    bucket: int
+    file: str
+    compile_seconds: float
+    size_bytes: int
+    cache_key: str
+    cache_hit: bool
+
+
+@dataclass
+class ArtifactManifest:
+    """Parsed once, typed: the recipe and the model config are objects, not the JSON's tables."""
+
+    recipe: Recipe
+    model_config: ModelConfig
+    source: dict[str, str]
+    toolchain: dict[str, str]
+    weights: list[str]
+    graphs: list[GraphRecord] = field(default_factory=list)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    format: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> ArtifactManifest:
+        data = json.loads(text)
+        data["graphs"] = [GraphRecord(**g) for g in data["graphs"]]
+        data["model_config"] = ModelConfig.from_dict(data["model_config"])
+        data["recipe"] = recipe_from_dict(data["recipe"], data["model_config"])
+        return cls(**data)
+
+
+def toolchain_versions() -> dict[str, str]:
+    return {
+        "neuron_serve": neuron_serve.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path, manifest: ArtifactManifest, known_sha256: dict[str, str] | None = None) -> None:
+    """Checksum every file below `directory` (but the manifest) into the manifest and write it.
+    `known_sha256` gives the digests of files already verified (by relative path), not read again."""
+    known = known_sha256 or {}
+    manifest.files = {}
+    for path in sorted(directory.rglob("*")):
+        name = path.relative_to(directory).as_posix()
+        if path.is_file() and path.name != MANIFEST:
+            manifest.files[name] = {"size": path.stat().st_size, "sha256": known.get(name) or sha256_file(path)}
+    (directory / MANIFEST).write_text(manifest.to_json())
+
+
+def read_manifest(directory: Path) -> ArtifactManifest:
+    path = Path(directory) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{directory} is not an artifact directory: {MANIFEST} is missing")
+    try:
+        return ArtifactManifest.from_json(path.read_text())
+    except (json.JSONDecodeError, TypeError, KeyError, RecipeError) as error:
+        raise CorruptArtifactError(f"{path}: unreadable manifest ({error})") from None
+
+
+def verify_files(directory: Path, manifest: ArtifactManifest, names: list[str] | None = None) -> None:
+    """Check size and SHA-256 of the listed files (all when `names` is None)."""
+    for name in names if names is not None else list(manifest.files):
+        expected = manifest.files.get(name)
+        path = Path(directory) / name
+        if expected is None:
+            raise CorruptArtifactError(f"{path}: not listed in {MANIFEST}")
+        if not path.exists():
+            raise CorruptArtifactError(f"{path}: missing")
+        size = path.stat().st_size
+        if size != expected["size"]:
+            raise CorruptArtifactError(f"{path}: truncated or altered ({size} bytes, expected {expected['size']})")
+        if sha256_file(path) != expected["sha256"]:
+            raise CorruptArtifactError(f"{path}: checksum mismatch (the file is corrupt)")

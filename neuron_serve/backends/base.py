@@ -1,0 +1,98 @@
+"""The seam between the stages and the hardware: what a backend does, and what a runner offers.
+
+A backend (cpu, neuron) compiles a recipe's graph set, opens a runner on an artifact, places a
+replica on its share of the machine, warms a runner up and says where accelerator occupancy comes
+from. `backends.backend_for(kind)` picks one; nothing else in the package looks at the target kind.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from rich.console import Console
+
+from neuron_serve.artifact.compile_cache import CompileCache
+from neuron_serve.artifact.graphs import GraphSet, GraphUse
+from neuron_serve.artifact.manifest import ArtifactManifest, GraphRecord
+from neuron_serve.model.config import ModelConfig
+from neuron_serve.recipe.schema import Recipe
+
+
+@dataclass
+class LoadTimes:
+    """Cold-start phases in seconds, for the metrics and the benchmark."""
+
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def measure(self, phase: str, started: float) -> None:
+        self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - started
+
+
+@dataclass
+class Forward:
+    """A runner call's result: logits ([vocab] for a prompt, [slots, vocab] for a decode step) and
+    the graph calls it made."""
+
+    logits: torch.Tensor
+    uses: list[GraphUse]
+
+
+class Runner(Protocol):
+    """One replica's graphs and KV cache, as the engine drives them."""
+
+    graphs: GraphSet
+
+    def prefill(self, prompt: list[int], slot: int) -> Forward:
+        """Fill `slot` with the prompt; the logits after its last token."""
+        ...
+
+    def decode(self, tokens: list[int], positions: list[int], active: int) -> Forward:
+        """One token for every slot (idle ones: any token at position 0); `active` slots are busy."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class CompileJob:
+    """What a backend compiles from: the recipe, the model, this compile's weight shards
+    (``weights/rank{r}.safetensors`` below `weights_dir`), and where the graphs go."""
+
+    recipe: Recipe
+    config: ModelConfig
+    weights_dir: Path
+    staging: Path
+    cache: CompileCache
+    console: Console
+    known_sha256: dict[str, str]  # digests of files linked into `staging`, filled in as graphs land
+
+
+class Backend(ABC):
+    kind: str
+
+    @abstractmethod
+    def compile_graphs(self, job: CompileJob) -> list[GraphRecord]:
+        """Compile the recipe's `GraphSet` into ``job.staging``; one record per graph."""
+
+    @abstractmethod
+    def open_runner(self, directory: Path, manifest: ArtifactManifest, times: LoadTimes) -> Runner:
+        """Load a verified artifact into a runner on this process's share of the machine."""
+
+    @abstractmethod
+    def place_replica(self, replica_index: int, replicas: int, recipe: Recipe) -> dict[str, str]:
+        """Give this process (one replica) its cores; returns the environment it set, for the log."""
+
+    @abstractmethod
+    def warm_up(self, runner: Runner) -> None:
+        """Run what the first requests would otherwise pay for."""
+
+    @abstractmethod
+    def watch_occupancy(self, set_occupancy: Callable[[float], None]) -> bool:
+        """Start reporting accelerator occupancy from the device; False when the engine's forward
+        time is the measure instead."""

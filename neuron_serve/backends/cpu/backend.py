@@ -1,0 +1,48 @@
+"""The CPU backend: AOTInductor graphs (or the eager model), TP ranks as processes, CPU sets per replica."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from neuron_serve.artifact.manifest import ArtifactManifest, GraphRecord
+from neuron_serve.backends.base import Backend, CompileJob, LoadTimes, Runner
+from neuron_serve.backends.bucketed import warm_up
+from neuron_serve.backends.cpu.compile import compile_cpu_graphs
+from neuron_serve.backends.cpu.runners import open_rank_runner
+from neuron_serve.backends.cpu.tp import TensorParallelRunner
+from neuron_serve.recipe.schema import Recipe
+
+
+class CpuBackend(Backend):
+    kind = "cpu"
+
+    def compile_graphs(self, job: CompileJob) -> list[GraphRecord]:
+        return compile_cpu_graphs(job)
+
+    def open_runner(self, directory: Path, manifest: ArtifactManifest, times: LoadTimes) -> Runner:
+        if manifest.recipe.target.tp_degree > 1:
+            return TensorParallelRunner(directory, manifest, times)
+        return open_rank_runner(directory, manifest, 0, times)
+
+    def place_replica(self, replica_index: int, replicas: int, recipe: Recipe) -> dict[str, str]:
+        """An equal share of this process's CPUs, the torch threads set to match."""
+        cpus = sorted(os.sched_getaffinity(0))
+        share = max(1, len(cpus) // replicas)
+        mine = cpus[(replica_index * share) % len(cpus) :][:share]
+        os.sched_setaffinity(0, mine)
+        torch.set_num_threads(len(mine))
+        env = {"NEURON_SERVE_CPUS": ",".join(map(str, mine))}
+        os.environ.update(env)
+        return env
+
+    def warm_up(self, runner: Runner) -> None:
+        """On the CPU only the process's first forward pays a set-up cost (thread pools, allocator;
+        AOTInductor graphs measured no first-call cost of their own), so one prefill and one decode do."""
+        warm_up(runner, every_graph=False)
+
+    def watch_occupancy(self, set_occupancy: Callable[[float], None]) -> bool:
+        return False

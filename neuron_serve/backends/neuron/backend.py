@@ -1,0 +1,43 @@
+"""The Neuron backend: ModelBuilder graphs, a NeuronCore range per replica, neuron-monitor occupancy."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from neuron_serve.artifact.manifest import ArtifactManifest, GraphRecord
+from neuron_serve.backends.base import Backend, CompileJob, LoadTimes, Runner
+from neuron_serve.backends.bucketed import warm_up
+from neuron_serve.backends.neuron.compile import compile_for_neuron
+from neuron_serve.backends.neuron.cores import core_range_for_worker
+from neuron_serve.backends.neuron.occupancy import watch_monitor
+from neuron_serve.backends.neuron.runner import NeuronRunner
+from neuron_serve.recipe.schema import Recipe
+
+
+class NeuronBackend(Backend):
+    kind = "neuron"
+
+    def compile_graphs(self, job: CompileJob) -> list[GraphRecord]:
+        return compile_for_neuron(job.recipe, job.config, job.staging)
+
+    def open_runner(self, directory: Path, manifest: ArtifactManifest, times: LoadTimes) -> Runner:
+        return NeuronRunner(directory, manifest, times)  # NxD runs every rank from this one process
+
+    def place_replica(self, replica_index: int, replicas: int, recipe: Recipe) -> dict[str, str]:
+        """TP-degree NeuronCores of its own; the runtime reads them when the forward process starts."""
+        target = recipe.target
+        cores = core_range_for_worker(replica_index, target.instance, target.tp_degree, replicas)
+        env = {"NEURON_RT_VISIBLE_CORES": cores}
+        os.environ.update(env)
+        return env
+
+    def warm_up(self, runner: Runner) -> None:
+        """Every graph once, as NxD Inference warms up before serving: a graph's first run on the
+        device can carry set-up of its own."""
+        warm_up(runner, every_graph=True)
+
+    def watch_occupancy(self, set_occupancy: Callable[[float], None]) -> bool:
+        watch_monitor(set_occupancy, os.environ.get("NEURON_RT_VISIBLE_CORES", "0"))
+        return True

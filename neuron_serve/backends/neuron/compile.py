@@ -1,0 +1,84 @@
+"""Compile a recipe's graphs for NeuronCores: one ModelBuilder graph per bucket, into ``graphs/``.
+
+Every graph is traced from the same model code as the CPU graphs, built with neuronx-distributed's
+parallel layers (``parallel_model.py``) and wrapped in the Neuron calling convention
+(``graphs.py``). Tracing needs no real weights, so no checkpoint is read here: the runner
+gives each rank its shard of the artifact's own ``weights/rank{r}.safetensors`` at load.
+
+ModelBuilder compiles all graphs in one call (neuronx-cc runs them in parallel threads) into one
+``graphs/nxd_model.pt``: every GraphRecord names that file, its size is its own NEFF's, and its
+compile time is an equal share of the whole (the compiler does not report per-graph times).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from neuron_serve.artifact.graphs import GraphSet, GraphSpec
+from neuron_serve.artifact.manifest import GraphRecord
+from neuron_serve.backends.neuron import sdk
+from neuron_serve.backends.neuron.graphs import check_distinct_shapes, example_inputs, neuron_graph
+from neuron_serve.backends.neuron.parallel_model import LayerFactory, build_parallel_model
+from neuron_serve.backends.neuron.runner import GRAPHS_DIR
+from neuron_serve.model.config import ModelConfig
+from neuron_serve.recipe.schema import Recipe
+
+
+def recipe_graphs(recipe: Recipe) -> dict[str, GraphSpec]:
+    return {s.name: s for s in GraphSet.from_shapes(recipe.shapes).specs()}
+
+
+def recipe_example_inputs(recipe: Recipe, config: ModelConfig) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Every graph's example inputs, checked to be routable (no two graphs share input shapes)."""
+    shapes, dtype = recipe.shapes, recipe.model.torch_dtype
+    inputs = {
+        name: example_inputs(spec, config, recipe.target.tp_degree, shapes.batch_size, shapes.max_seq_len, dtype)
+        for name, spec in recipe_graphs(recipe).items()
+    }
+    check_distinct_shapes(inputs)
+    return inputs
+
+
+def graph_factory(
+    recipe: Recipe, config: ModelConfig, column_cls: LayerFactory | None = None, row_cls: LayerFactory | None = None
+) -> Callable[[str], nn.Module]:
+    """``factory(name)`` builds graph ``name``'s module. ModelBuilder calls it inside its mocked TP
+    world, where the default (neuronx-distributed) layers find their TP size."""
+    specs, dtype, kernels = recipe_graphs(recipe), recipe.model.torch_dtype, frozenset(recipe.kernels.enabled)
+
+    def factory(name: str) -> nn.Module:
+        shapes, degree = recipe.shapes, recipe.target.tp_degree
+        model = build_parallel_model(config, shapes.max_seq_len, degree, dtype, column_cls, row_cls, kernels)
+        return neuron_graph(model, specs[name])
+
+    return factory
+
+
+def compile_for_neuron(recipe: Recipe, config: ModelConfig, staging: Path) -> list[GraphRecord]:
+    """Compile every graph of ``recipe`` into ``staging/graphs/``; one GraphRecord per graph.
+
+    neuronx-cc's work directory is kept beside ``staging`` when the compile fails (its logs say why)
+    and removed when it succeeds.
+    """
+    sdk.require_sdk()
+    inputs = recipe_example_inputs(recipe, config)
+    out_dir = Path(staging) / GRAPHS_DIR
+    workdir = Path(staging).with_name(Path(staging).name + ".neuronx-cc")
+    started = time.perf_counter()
+    model_file = sdk.compile_graphs(recipe, graph_factory(recipe, config), inputs, None, out_dir, workdir)
+    seconds = (time.perf_counter() - started) / len(inputs)
+    bundle, file = model_file.stat().st_size, model_file.relative_to(staging).as_posix()
+    records = []
+    for name, spec in recipe_graphs(recipe).items():
+        neff = workdir / name / "_tp0_bk0" / "graph.neff"
+        size = neff.stat().st_size if neff.exists() else bundle // len(inputs)
+        # No compile-cache entry: the bundle holds every graph, so one changed bucket recompiles all.
+        records.append(GraphRecord(name, spec.kind, spec.bucket, file, round(seconds, 2), size, "", False))
+    shutil.rmtree(workdir, ignore_errors=True)
+    return records

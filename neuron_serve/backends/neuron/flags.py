@@ -1,0 +1,31 @@
+"""neuronx-cc flags from a recipe's [compiler] section.
+
+Spellings follow the Neuron Compiler CLI reference (``neuronx-cc compile``): ``--target``,
+``--model-type``, ``--auto-cast``, ``--auto-cast-type``, ``--optlevel``/``-O``,
+``--enable-fast-loading-neuron-binaries``. When a flag repeats, the right-most one wins, which is
+why ``extra_flags`` go last: they can override anything generated here.
+"""
+
+from __future__ import annotations
+
+from neuron_serve.recipe.instances import get_instance
+from neuron_serve.recipe.schema import Recipe
+
+
+def neuronx_cc_flags(recipe: Recipe) -> list[str]:
+    """The neuronx-cc command-line flags for a neuron recipe."""
+    if recipe.target.kind != "neuron":
+        raise ValueError(f"recipe {recipe.name!r} targets {recipe.target.kind!r}; neuronx-cc flags need 'neuron'")
+    c = recipe.compiler
+    flags = [
+        f"--target={get_instance(recipe.target.instance).family}",
+        f"--model-type={c.model_type}",
+        f"--auto-cast={c.auto_cast}",
+    ]
+    # --auto-cast-type only has an effect when something is cast.
+    if c.auto_cast != "none":
+        flags.append(f"--auto-cast-type={c.auto_cast_type}")
+    flags.append(f"-O{c.optlevel}")
+    if c.fast_loading:
+        flags.append("--enable-fast-loading-neuron-binaries")
+    return [*flags, *c.extra_flags]

@@ -1,0 +1,1 @@
+"""Serving one replica: the scheduler (policy), the engine thread, sequences, sampling, the forward process, metrics."""

@@ -1,0 +1,161 @@
+"""A server replica's forward passes, run in a process of their own.
+
+AOTInductor's Python binding holds the GIL for the whole of a graph call: a 1024-token prefill of the
+default model keeps every other thread of the process waiting for about a second. In a server worker
+those threads are the request threads and /ping. So the worker's runner lives in a child process:
+the engine thread sends each call down a pipe and waits on it (waiting releases the GIL), and the
+child writes the logits into shared memory. The child owns the weights and the KV cache.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+from neuron_serve.artifact.graphs import GraphSet, GraphUse
+from neuron_serve.backends.base import Forward, LoadTimes, Runner
+from neuron_serve.backends.registry import backend_for, open_runner
+from neuron_serve.backends.rpc import serve_calls, transferable
+
+
+class ForwardProcessError(RuntimeError):
+    """The forward process is gone; this replica cannot run its model any more."""
+
+
+class ForwardProcess:
+    """A `Runner` served by a child process that loads the artifact directory, checks it and warms
+    it up; calls go down a pipe (`backends.rpc`), logits come back through shared memory."""
+
+    graphs: GraphSet
+
+    def __init__(self, directory: Path, on_exit: Callable[[str], None] = lambda message: None):
+        """Starts loading in the child; `wait_ready` waits for it. `on_exit(message)` is called
+        once if the child is found gone while serving."""
+        self._on_exit = on_exit
+        self._started = time.monotonic()
+        context = mp.get_context("spawn")  # fork is unsafe in a process that already runs threads
+        self._connection, child_end = context.Pipe()
+        # Not a daemon: a tensor-parallel runner in the child starts rank processes of its own.
+        self._process = context.Process(
+            target=_serve, args=(str(directory), child_end), name="neuron-serve-forward", daemon=False
+        )
+        self._process.start()
+        child_end.close()
+        # Before multiprocessing's own exit handler, which would wait for the child to end by itself.
+        atexit.register(self.close)
+        self.failure: str | None = None
+
+    def wait_ready(self, times: LoadTimes) -> None:
+        """Block until the child has loaded and warmed up; add its load phases to `times`."""
+        ready = self._reply()
+        times.phases["start_forward_process"] = ready["entered"] - self._started
+        for phase, seconds in ready["phases"].items():
+            times.phases[phase] = times.phases.get(phase, 0.0) + seconds
+        self._logits = ready["logits"]
+        self.graphs = ready["graphs"]
+
+    def prefill(self, prompt: list[int], slot: int) -> Forward:
+        uses = self.call("prefill", prompt, slot)
+        return Forward(self._logits["prefill"].clone(), uses)
+
+    def decode(self, tokens: list[int], positions: list[int], active: int) -> Forward:
+        uses = self.call("decode", tokens, positions, active)
+        return Forward(self._logits["decode"].clone(), uses)
+
+    def close(self) -> None:
+        if self._process.is_alive():
+            try:
+                self._connection.send(None)
+            except OSError:
+                pass
+        self._process.join(timeout=30)
+        self._connection.close()
+
+    def call(self, method: str, *args):
+        if self.failure:
+            raise ForwardProcessError(self.failure)
+        try:
+            self._connection.send((method, args))
+        except OSError:
+            self._gone()
+        return self._reply()
+
+    def _reply(self):
+        try:
+            kind, payload = self._connection.recv()
+        except (EOFError, OSError):
+            self._gone()
+        if kind == "error":
+            raise payload
+        return payload
+
+    def _gone(self):
+        self._process.join(timeout=5)
+        self.failure = f"the forward process exited (exit code {self._process.exitcode})"
+        self._on_exit(self.failure)
+        raise ForwardProcessError(self.failure)
+
+
+class _SharedLogits:
+    """The child's side of the calls: runs them and writes the logits into the shared buffers, so
+    that only the graph uses go back through the pipe."""
+
+    def __init__(self, runner: Runner, logits: dict[str, torch.Tensor]):
+        self.runner, self.logits = runner, logits
+
+    def prefill(self, prompt: list[int], slot: int) -> list[GraphUse]:
+        return self._shared("prefill", self.runner.prefill(prompt, slot))
+
+    def decode(self, tokens: list[int], positions: list[int], active: int) -> list[GraphUse]:
+        return self._shared("decode", self.runner.decode(tokens, positions, active))
+
+    def _shared(self, kind: str, forward: Forward) -> list[GraphUse]:
+        self.logits[kind].copy_(forward.logits)
+        return forward.uses
+
+
+def _serve(directory: str, connection) -> None:
+    """The child: load, warm up, then answer calls until the pipe says stop or closes."""
+    entered = time.monotonic()
+    # Ctrl-C and the server's SIGTERM are for the worker, which drains its streams first; this
+    # process ends when the worker closes the pipe (or dies).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    try:
+        runner, ready = _load(Path(directory))
+    except Exception as error:
+        connection.send(("error", transferable(error)))
+        return
+    connection.send(("ready", {**ready, "entered": entered}))
+
+    def receive():
+        try:
+            return connection.recv()
+        except EOFError:
+            return None
+
+    serve_calls(_SharedLogits(runner, ready["logits"]), receive, lambda kind, result: connection.send((kind, result)))
+    runner.close()
+
+
+def _load(directory: Path) -> tuple[Runner, dict]:
+    """Verify the artifact's checksums, open its runner and warm it up."""
+    times = LoadTimes()
+    runner, manifest = open_runner(directory, times)
+    started = time.perf_counter()
+    backend_for(manifest.recipe.target.kind).warm_up(runner)
+    times.measure("warm_up", started)
+    vocab, dtype = manifest.model_config.vocab_size, manifest.recipe.model.torch_dtype
+    logits = {
+        "prefill": torch.empty(vocab, dtype=dtype).share_memory_(),
+        "decode": torch.empty(runner.graphs.batch_size, vocab, dtype=dtype).share_memory_(),
+    }
+    return runner, {"phases": times.phases, "logits": logits, "graphs": runner.graphs}

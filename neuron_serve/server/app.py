@@ -1,0 +1,49 @@
+"""The Flask app: OpenAI-compatible and SageMaker routes over one `ModelService`."""
+
+from __future__ import annotations
+
+from flask import Flask, Response, jsonify
+from werkzeug.exceptions import HTTPException
+
+from neuron_serve.engine.metrics import render
+from neuron_serve.server.protocol import APIError
+from neuron_serve.server.routes import register_routes
+from neuron_serve.server.service import ModelService
+
+
+def create_app(service: ModelService) -> Flask:
+    app = Flask("neuron_serve")
+    app.config["MAX_CONTENT_LENGTH"] = service.settings.max_body_bytes
+    app.extensions["service"] = service
+
+    @app.errorhandler(APIError)
+    def api_error(error: APIError):
+        response = jsonify(error.body())
+        response.status_code = error.status
+        if error.status == 429:
+            response.headers["Retry-After"] = "1"
+        return response
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException):
+        kind = "invalid_request_error" if error.code < 500 else "server_error"
+        return api_error(APIError(error.code, error.description or error.name, None, kind))
+
+    @app.get("/ping")
+    def ping():
+        return ("", 200) if service.state == "ready" else ("", 503)
+
+    @app.get("/health")
+    def health():
+        body = {"status": service.state, "model": service.settings.model_name}
+        if service.error:
+            body["error"] = service.error
+        return jsonify(body), 200 if service.state == "ready" else 503
+
+    @app.get("/metrics")
+    def metrics():
+        payload, content_type = render()
+        return Response(payload, content_type=content_type)
+
+    register_routes(app, service)
+    return app

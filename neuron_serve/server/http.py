@@ -1,0 +1,107 @@
+"""What every route does around a request: the ready service, the JSON body, queueing, the stream of
+events (with disconnect detection), SSE framing and the request log."""
+
+from __future__ import annotations
+
+import json
+import logging
+import select
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from queue import Empty
+
+from flask import current_app, request
+
+from neuron_serve.engine.scheduler import QueueFullError
+from neuron_serve.engine.sequence import Delta, Finished, Sequence
+from neuron_serve.server.protocol import APIError
+from neuron_serve.server.service import ModelService
+
+request_log = logging.getLogger("neuron_serve.requests")
+
+
+def ready_service() -> ModelService:
+    service: ModelService = current_app.extensions["service"]
+    if service.state != "ready":
+        detail = f": {service.error}" if service.error else ""
+        raise APIError(503, f"the model is {service.state}{detail}", None, "service_unavailable")
+    return service
+
+
+def json_body() -> dict:
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    if request.content_length is not None and request.content_length > limit:
+        raise APIError(413, f"the request body has {request.content_length} bytes; the limit is {limit} bytes")
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    return body
+
+
+def submit(service: ModelService, prompt_ids: list[int], params) -> Sequence:
+    seq = Sequence(prompt_ids, params, service.tokenizer, service.eos_ids)
+    try:
+        service.engine.submit(seq)
+    except QueueFullError as error:
+        raise APIError(429, f"{error}; retry later", None, "rate_limit_exceeded") from None
+    return seq
+
+
+def client_gone() -> bool:
+    """True once the client closed its connection (gunicorn hands us the socket)."""
+    sock = request.environ.get("gunicorn.socket")
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (OSError, ValueError):
+        return True
+
+
+def events(seq: Sequence) -> Iterator[Delta | Finished]:
+    """The sequence's events as they come; cancels it when the client goes away."""
+    try:
+        while True:
+            try:
+                event = seq.events.get(timeout=0.02)
+            except Empty:
+                if client_gone():
+                    seq.cancelled.set()
+                    return
+                continue
+            yield event
+            if isinstance(event, Finished):
+                return
+    finally:
+        if seq.finish_reason is None:
+            seq.cancelled.set()  # the client left mid-stream (the WSGI server closed this generator)
+
+
+def sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def log_request(service: ModelService, route: str, seq: Sequence, finished: Finished | None, status: int) -> None:
+    record = {
+        "request_id": seq.request_id,
+        "route": route,
+        "status": status,
+        "prompt_tokens": len(seq.prompt_ids),
+        "completion_tokens": len(seq.output_ids),
+        "finish_reason": seq.finish_reason,
+        "queue_s": round(seq.scheduled_at - seq.arrival, 4) if seq.scheduled_at else None,
+        "ttft_s": round(seq.first_token_at - seq.arrival, 4) if seq.first_token_at else None,
+        "e2e_s": round(time.perf_counter() - seq.arrival, 4),
+    }
+    if service.settings.log_prompts:
+        record["prompt"] = service.tokenizer.decode(seq.prompt_ids)
+    if finished is not None and finished.error:
+        record["error"] = finished.error
+    request_log.info(json.dumps(record))
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"

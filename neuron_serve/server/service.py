@@ -1,0 +1,84 @@
+"""One model replica in a server worker: loads the artifacts in the background, then runs the engine."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from neuron_serve.artifact.manifest import read_manifest
+from neuron_serve.backends.base import LoadTimes
+from neuron_serve.backends.registry import backend_for
+from neuron_serve.engine.engine import Engine
+from neuron_serve.engine.forward_process import ForwardProcess
+from neuron_serve.engine.metrics import metrics_for
+from neuron_serve.engine.prompts import stop_ids
+from neuron_serve.server.protocol import Limits
+
+log = logging.getLogger("neuron_serve.server.service")
+
+
+@dataclass
+class ServeSettings:
+    artifacts: Path
+    model_name: str
+    max_waiting: int = 256
+    max_tokens_default: int = 256
+    max_body_bytes: int = 4 * 1024 * 1024
+    log_prompts: bool = False
+
+
+class ModelService:
+    def __init__(self, settings: ServeSettings):
+        self.settings = settings
+        self.state = "loading"
+        self.error: str | None = None
+        self.engine: Engine | None = None
+        self.tokenizer = None
+        self.limits: Limits | None = None
+        self.eos_ids: frozenset[int] = frozenset()
+        self.metrics = metrics_for(settings.model_name)
+        self.source = ""
+        self._thread = threading.Thread(target=self._load, name="neuron-serve-loader", daemon=True)
+
+    def start(self) -> ModelService:
+        self._thread.start()
+        return self
+
+    def wait_ready(self, timeout: float) -> bool:
+        self._thread.join(timeout)
+        return self.state == "ready"
+
+    def _load(self) -> None:
+        try:
+            times = LoadTimes()
+            manifest = read_manifest(self.settings.artifacts)
+            runner = ForwardProcess(self.settings.artifacts, on_exit=self._fail)
+            started = time.perf_counter()  # the tokenizer loads while the forward process does
+            self.tokenizer = AutoTokenizer.from_pretrained(self.settings.artifacts / "tokenizer")
+            times.measure("load_tokenizer", started)
+            runner.wait_ready(times)
+            config, recipe = manifest.model_config, manifest.recipe
+            self.eos_ids = stop_ids(self.tokenizer, config.eos_token_ids)
+            self.limits = Limits(runner.graphs.max_seq_len, config.vocab_size, self.settings.max_tokens_default)
+            self.source = manifest.source.get("spec", "")
+            kernels = frozenset(recipe.kernels.enabled)
+            self.engine = Engine(runner, self.metrics, self.settings.max_waiting, kernels).start()
+            backend = backend_for(recipe.target.kind)
+            if backend.watch_occupancy(self.metrics.accelerator_occupancy.set):
+                self.metrics.occupancy_from_forward_time = False
+            for phase, seconds in times.phases.items():
+                self.metrics.cold_start.labels(self.settings.model_name, phase).set(seconds)
+            self.state = "ready"
+            log.info("model %s ready: %s", self.settings.model_name, {k: round(v, 3) for k, v in times.phases.items()})
+        except Exception as error:  # reported by /health and /ping; the worker stays up to say so
+            log.exception("loading %s failed", self.settings.artifacts)
+            self._fail(f"{type(error).__name__}: {error}")
+
+    def _fail(self, message: str) -> None:
+        self.error = message
+        self.state = "failed"
