@@ -1,7 +1,7 @@
 """The graph set of a recipe: which static-shape graphs exist, their names, and which one runs a call.
 
 Every backend compiles exactly `GraphSet.specs()` and every runner asks `prompt_pieces` and
-`decode_spec` which graph runs, so the names, the bucket choice and whether a prompt can need a chunk
+`decode_graph` which graph runs, so the names, the bucket choice and whether a prompt can need a chunk
 graph are decided here once. Each choice also says how many of the graph's token slots were real,
 so the padding statistics are counted where the bucket is chosen (`GraphUse`).
 """
@@ -83,10 +83,11 @@ class GraphSet:
             pieces.append(PromptPiece(self.chunk, start, prompt[start : start + largest]))
         return pieces
 
-    def decode_spec(self, positions: list[int]) -> GraphSpec:
-        """The smallest KV bucket that holds every slot's position."""
+    def decode_graph(self, positions: list[int], active: int) -> tuple[GraphSpec, GraphUse]:
+        """The smallest KV bucket that holds every slot's position; `active` of the slots are busy."""
         longest = max(positions) + 1
-        return GraphSpec(DECODE, self.token_buckets[bisect.bisect_left(self.token_buckets, longest)])
+        spec = GraphSpec(DECODE, self.token_buckets[bisect.bisect_left(self.token_buckets, longest)])
+        return spec, GraphUse(spec.name, active, self.batch_size)
 
 
 def power_of_two_buckets(max_seq_len: int, smallest: int = 64) -> tuple[int, ...]:

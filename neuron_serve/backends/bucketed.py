@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from neuron_serve.artifact.graphs import GraphSet, GraphSpec, GraphUse
+from neuron_serve.artifact.graphs import GraphSet, GraphSpec
 from neuron_serve.backends.base import Forward, Runner
 from neuron_serve.model.kv_cache import KVCache
 
@@ -46,11 +46,11 @@ class BucketedRunner(ABC):
         return Forward(logits[0], [piece.use for piece in pieces])
 
     def decode(self, tokens: list[int], positions: list[int], active: int) -> Forward:
-        spec = self.graphs.decode_spec(positions)
+        spec, use = self.graphs.decode_graph(positions, active)
         positions_t = torch.tensor(positions)
         logits, keys, values = self.run_decode(spec, torch.tensor(tokens), positions_t)
         self.cache.store_decode(positions_t, keys, values)
-        return Forward(logits, [GraphUse(spec.name, active, self.graphs.batch_size)])
+        return Forward(logits, [use])
 
     def close(self) -> None:  # noqa: B027 (a runner in one process has nothing to release)
         """Nothing to release: the cache and the graphs go with the process."""

@@ -1,0 +1,44 @@
+"""The graph set of a recipe: its graphs, and which one runs each call with how much padding."""
+
+from __future__ import annotations
+
+import pytest
+
+from neuron_serve.artifact.graphs import GraphSet, GraphUse
+
+GRAPHS = GraphSet(batch_size=4, max_seq_len=128, context_buckets=(16, 32), token_buckets=(64, 128))
+
+
+def test_one_graph_per_bucket_and_a_chunk_graph_only_when_a_prompt_can_outgrow_the_buckets():
+    assert [s.name for s in GRAPHS.specs()] == [
+        "prefill_16",
+        "prefill_32",
+        "prefill_chunk_32",
+        "decode_64",
+        "decode_128",
+    ]
+    whole = GraphSet(batch_size=4, max_seq_len=33, context_buckets=(16, 32), token_buckets=(33,))
+    assert whole.chunk is None and "prefill_chunk_32" not in [s.name for s in whole.specs()]
+
+
+def test_a_prompt_takes_the_smallest_bucket_then_chunks_of_the_largest():
+    pieces = GRAPHS.prompt_pieces(list(range(1, 71)))
+    assert [(p.spec.name, p.start, len(p.tokens)) for p in pieces] == [
+        ("prefill_32", 0, 32),
+        ("prefill_chunk_32", 32, 32),
+        ("prefill_chunk_32", 64, 6),
+    ]
+    assert [p.use for p in pieces][-1] == GraphUse("prefill_chunk_32", 6, 32)
+    assert GRAPHS.prompt_pieces([7] * 16)[0].use == GraphUse("prefill_16", 16, 16)
+
+
+@pytest.mark.parametrize("length", [0, 128])
+def test_a_prompt_outside_the_sequence_length_is_refused(length):
+    with pytest.raises(ValueError, match="must be 1 to 127 tokens"):
+        GRAPHS.prompt_pieces([1] * length)
+
+
+def test_decode_runs_at_the_smallest_kv_bucket_that_holds_every_slot():
+    assert GRAPHS.decode_graph([10, 63, 0, 0], active=2) == (GRAPHS.specs()[3], GraphUse("decode_64", 2, 4))
+    spec, _ = GRAPHS.decode_graph([10, 64, 0, 0], active=2)
+    assert spec.name == "decode_128"
