@@ -103,3 +103,18 @@ def test_tensor_parallel_ranks_match_a_single_rank(tiny_artifacts, tmp_path):
         assert (parallel.prefill([4, 5], 0).logits - single.prefill([4, 5], 0).logits).abs().max() < 1e-4
     finally:
         parallel.close()
+
+
+def test_a_manifest_is_read_typed_and_only_its_structure_is_checked(tiny_artifacts, tmp_path):
+    """A rule added after an artifact was compiled must not make it unreadable; a mangled recipe does."""
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    data = json.loads((tiny_artifacts / "manifest.json").read_text())
+    data["recipe"]["serve"]["workers"] = 0  # breaks a rule today
+    (copy / "manifest.json").write_text(json.dumps(data))
+    manifest = read_manifest(copy)
+    assert manifest.recipe.serve.workers == 0 and manifest.model_config.num_hidden_layers == 2
+    data["recipe"]["serve"]["wrokers"] = 1
+    (copy / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(CorruptArtifactError, match=r"(?s)unreadable manifest .*serve\.wrokers: unknown key"):
+        read_manifest(copy)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import eager_runner
 
@@ -116,3 +117,10 @@ def test_generate_command_rejects_bad_parameters_clearly(tiny_dir):
     )
     assert result.returncode == 2
     assert "top_p: must be in (0, 1], got 1.5" in result.stderr
+
+
+def test_a_prompt_out_of_range_is_refused_with_the_limit(tiny_loaded):
+    runner = eager_runner(build_model(tiny_loaded, 64), 1, context_buckets=[32], token_buckets=[64])
+    for prompt in ([], [5] * 64):
+        with pytest.raises(ValueError, match="must be 1 to 63 tokens"):
+            next(generate(runner, tiny_loaded.tokenizer, prompt, SamplingParams(max_tokens=4), frozenset()))

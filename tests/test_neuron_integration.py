@@ -25,9 +25,7 @@ from neuron_serve.artifact.manifest import ArtifactManifest, GraphRecord, toolch
 from neuron_serve.backends.base import LoadTimes
 from neuron_serve.backends.cpu.runners import EagerRunner
 from neuron_serve.backends.neuron import sdk
-from neuron_serve.backends.neuron.compile import compile_for_neuron, graph_factory, recipe_example_inputs, recipe_graphs
-from neuron_serve.backends.neuron.cores import visible_core_count
-from neuron_serve.backends.neuron.graphs import (
+from neuron_serve.backends.neuron.calling_convention import (
     MODEL_PREFIX,
     RANK_WEIGHT,
     cache_heads,
@@ -36,6 +34,8 @@ from neuron_serve.backends.neuron.graphs import (
     rank_weights,
     select_local_heads,
 )
+from neuron_serve.backends.neuron.compile import compile_for_neuron, graph_factory, recipe_example_inputs, recipe_graphs
+from neuron_serve.backends.neuron.cores import visible_core_count
 from neuron_serve.backends.neuron.parallel_model import (
     LayerReducedTensorParallel,
     build_parallel_model,

@@ -71,6 +71,13 @@ class GraphSet:
         chunks = [self.chunk] if self.chunk else []
         return prefills + chunks + [GraphSpec(DECODE, b) for b in self.token_buckets]
 
+    def warm_up_calls(self, every_graph: bool) -> tuple[list[int], list[int]]:
+        """(prompt lengths, decode KV buckets) that run every graph once, or just the first of each."""
+        if not every_graph:
+            return [self.context_buckets[0]], [self.token_buckets[0]]
+        chunked = [self.chunk.bucket + 1] if self.chunk else []  # one token past the largest bucket
+        return [*self.context_buckets, *chunked], list(self.token_buckets)
+
     def prompt_pieces(self, prompt: list[int]) -> list[PromptPiece]:
         """The smallest context bucket that holds the prompt's start, then chunks of the largest."""
         if not 0 < len(prompt) < self.max_seq_len:

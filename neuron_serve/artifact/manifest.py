@@ -17,7 +17,7 @@ import torch
 
 import neuron_serve
 from neuron_serve.model.config import ModelConfig
-from neuron_serve.recipe.files import recipe_from_dict
+from neuron_serve.recipe.files import recipe_structure
 from neuron_serve.recipe.schema import Recipe, RecipeError
 
 MANIFEST = "manifest.json"
@@ -61,7 +61,8 @@ class ArtifactManifest:
         data = json.loads(text)
         data["graphs"] = [GraphRecord(**g) for g in data["graphs"]]
         data["model_config"] = ModelConfig.from_dict(data["model_config"])
-        data["recipe"] = recipe_from_dict(data["recipe"], data["model_config"])
+        # Validated when it was compiled: a rule added since must not turn an artifact unreadable.
+        data["recipe"] = recipe_structure(data["recipe"])
         return cls(**data)
 
 

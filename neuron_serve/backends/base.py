@@ -2,7 +2,8 @@
 
 A backend (cpu, neuron) compiles a recipe's graph set, opens a runner on an artifact, places a
 replica on its share of the machine, warms a runner up and says where accelerator occupancy comes
-from. `backends.backend_for(kind)` picks one; nothing else in the package looks at the target kind.
+from. `backends.registry.backend_for(kind)` picks one; outside `backends/`, only the recipe's
+validation (each target's own fields) looks at the target kind.
 """
 
 from __future__ import annotations

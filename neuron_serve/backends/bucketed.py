@@ -60,14 +60,11 @@ def warm_up(runner: Runner, every_graph: bool) -> None:
     """Run the first calls, so that the first requests are as fast as the later ones. `every_graph`
     runs each graph once, as NxD Inference warms up before serving; otherwise one prefill and one
     decode, which is what the CPU needs (see `CpuBackend.warm_up`)."""
-    graphs = runner.graphs
-    prefill_lengths = list(graphs.context_buckets) if every_graph else [graphs.context_buckets[0]]
-    if every_graph and graphs.chunk:
-        prefill_lengths.append(graphs.chunk.bucket + 1)
-    for length in prefill_lengths:
+    prompt_lengths, kv_buckets = runner.graphs.warm_up_calls(every_graph)
+    for length in prompt_lengths:
         runner.prefill([0] * length, slot=0)
-    slots = graphs.batch_size
-    for kv_len in graphs.token_buckets if every_graph else graphs.token_buckets[:1]:
+    slots = runner.graphs.batch_size
+    for kv_len in kv_buckets:
         runner.decode([0] * slots, [kv_len - 1] + [0] * (slots - 1), active=slots)
 
 

@@ -62,11 +62,11 @@ class ForwardProcess:
         self.graphs = ready["graphs"]
 
     def prefill(self, prompt: list[int], slot: int) -> Forward:
-        uses = self.call("prefill", prompt, slot)
+        uses = self._call("prefill", prompt, slot)
         return Forward(self._logits["prefill"].clone(), uses)
 
     def decode(self, tokens: list[int], positions: list[int], active: int) -> Forward:
-        uses = self.call("decode", tokens, positions, active)
+        uses = self._call("decode", tokens, positions, active)
         return Forward(self._logits["decode"].clone(), uses)
 
     def close(self) -> None:
@@ -78,7 +78,7 @@ class ForwardProcess:
         self._process.join(timeout=30)
         self._connection.close()
 
-    def call(self, method: str, *args):
+    def _call(self, method: str, *args):
         if self.failure:
             raise ForwardProcessError(self.failure)
         try:

@@ -1,1 +1,1 @@
-"""The Llama-family model: its config, RoPE, the KV cache layout, tensor-parallel layers and sharding."""
+"""The Llama-family model: its config, RoPE, the KV cache, the tensor-parallel context and sharding."""

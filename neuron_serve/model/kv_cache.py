@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from neuron_serve.model.config import ModelConfig
+from neuron_serve.model.parallel import TensorParallel
 
 
 @dataclass
@@ -31,6 +32,13 @@ class KVCache:
     def allocate(cls, config: ModelConfig, slots: int, max_seq_len: int, kv_heads: int, dtype: torch.dtype) -> KVCache:
         shape = cls.shape(config, slots, max_seq_len, kv_heads)
         return cls(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+
+    @classmethod
+    def for_rank(
+        cls, config: ModelConfig, tp: TensorParallel, slots: int, max_seq_len: int, dtype: torch.dtype
+    ) -> KVCache:
+        """The cache of one tensor-parallel rank: its own KV heads only."""
+        return cls.allocate(config, slots, max_seq_len, tp.local_kv_heads(config.num_key_value_heads), dtype)
 
     def row(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One slot's keys and values, [layers, kv_heads, max_seq_len, head_dim] each (views)."""

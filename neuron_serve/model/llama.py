@@ -218,8 +218,7 @@ class LlamaModel(nn.Module):
 
     def new_kv_cache(self, slots: int) -> KVCache:
         """A cache for `slots` sequences, in this rank's KV heads and the weights' dtype."""
-        kv_heads = self.tp.local_kv_heads(self.config.num_key_value_heads)
-        return KVCache.allocate(self.config, slots, self.max_seq_len, kv_heads, self.embed_tokens.weight.dtype)
+        return KVCache.for_rank(self.config, self.tp, slots, self.max_seq_len, self.embed_tokens.weight.dtype)
 
     def _run_layers(self, x: torch.Tensor, positions: torch.Tensor, attend):
         """The shared body. `attend(i, attention, q, k, v)` returns layer i's attention output.

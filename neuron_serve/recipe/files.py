@@ -79,7 +79,8 @@ def _section_from_dict(name: str, cls: type, data: Any, errors: list[str]) -> An
     return cls(**kwargs)
 
 
-def _build(d: dict[str, Any]) -> Recipe:
+def recipe_structure(d: dict[str, Any]) -> Recipe:
+    """A Recipe from a table whose keys and types are right; the rules are `validate_recipe`'s."""
     errors: list[str] = []
     allowed = [*_TOP_SCALARS, *_SECTIONS]
     errors += [f"{k}: unknown key or section; allowed: {', '.join(allowed)}" for k in d if k not in allowed]
@@ -100,7 +101,7 @@ def recipe_from_dict(d: dict[str, Any], model_config: HeadCounts | None = None) 
     Semantic rules run only once the structure is right: on a mistyped recipe they would judge
     the defaults that stand in for the bad values.
     """
-    recipe = _build(d)
+    recipe = recipe_structure(d)
     validate_recipe(recipe, model_config)
     return recipe
 

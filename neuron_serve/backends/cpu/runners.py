@@ -53,10 +53,9 @@ class AOTRunner(BucketedRunner):
             package.load_constants(constants_map(package, self.weights), check_full_update=True, user_managed=True)
             self.packages[record.name] = package
         times.measure("load_graphs", started)
-        config, tp = manifest.model_config, TensorParallel(manifest.recipe.target.tp_degree, rank)
-        kv_heads = tp.local_kv_heads(config.num_key_value_heads)
-        dtype = self.weights["embed_tokens.weight"].dtype
-        self.cache = KVCache.allocate(config, self.graphs.batch_size, self.graphs.max_seq_len, kv_heads, dtype)
+        tp, dtype = TensorParallel(manifest.recipe.target.tp_degree, rank), self.weights["embed_tokens.weight"].dtype
+        slots, length = self.graphs.batch_size, self.graphs.max_seq_len
+        self.cache = KVCache.for_rank(manifest.model_config, tp, slots, length, dtype)
 
     def run_prefill(self, spec: GraphSpec, tokens, last_index) -> GraphOutput:
         return self.packages[spec.name](tokens, last_index)

@@ -39,12 +39,18 @@ def _receive_broadcast() -> Call | None:
     return box[0]
 
 
+def _end_on_error(kind: str, result) -> None:
+    """Rank 0 makes the same call and keeps its result; a failure only this rank met must end the
+    rank, so that rank 0 fails in its next collective instead of waiting in it."""
+    if kind == "error":
+        raise result
+
+
 def _worker(directory: str, rank: int, degree: int, port: int) -> None:
     _join_group(rank, degree, port)
     runner = open_rank_runner(Path(directory), read_manifest(Path(directory)), rank, LoadTimes())
     dist.barrier()
-    # Rank 0 gets the same result (or error) from its own copy of the call: nothing to send back.
-    serve_calls(runner, _receive_broadcast, lambda kind, result: None)
+    serve_calls(runner, _receive_broadcast, _end_on_error)
     dist.destroy_process_group()
 
 
@@ -52,16 +58,16 @@ class TensorParallelRunner:
     """A `Runner` spread over ranks: rank 0 broadcasts each call, then makes it itself."""
 
     def __init__(self, directory: Path, manifest: ArtifactManifest, times: LoadTimes):
-        self.degree = manifest.recipe.target.tp_degree
+        degree = manifest.recipe.target.tp_degree
         port = _free_port()
         context = mp.get_context("spawn")
         self.workers = [
-            context.Process(target=_worker, args=(str(directory), rank, self.degree, port), daemon=True)
-            for rank in range(1, self.degree)
+            context.Process(target=_worker, args=(str(directory), rank, degree, port), daemon=True)
+            for rank in range(1, degree)
         ]
         for worker in self.workers:
             worker.start()
-        _join_group(0, self.degree, port)
+        _join_group(0, degree, port)
         self.local = open_rank_runner(directory, manifest, 0, times)
         self.graphs = self.local.graphs
         dist.barrier()
@@ -71,6 +77,7 @@ class TensorParallelRunner:
         return getattr(self.local, method)(*args)
 
     def prefill(self, prompt: list[int], slot: int) -> Forward:
+        self.graphs.prompt_pieces(prompt)  # a prompt every rank would refuse is refused here, unsent
         return self.call("prefill", prompt, slot)
 
     def decode(self, tokens: list[int], positions: list[int], active: int) -> Forward:

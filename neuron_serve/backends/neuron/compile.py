@@ -2,7 +2,7 @@
 
 Every graph is traced from the same model code as the CPU graphs, built with neuronx-distributed's
 parallel layers (``parallel_model.py``) and wrapped in the Neuron calling convention
-(``graphs.py``). Tracing needs no real weights, so no checkpoint is read here: the runner
+(``calling_convention.py``). Tracing needs no real weights, so no checkpoint is read here: the runner
 gives each rank its shard of the artifact's own ``weights/rank{r}.safetensors`` at load.
 
 ModelBuilder compiles all graphs in one call (neuronx-cc runs them in parallel threads) into one
@@ -23,7 +23,7 @@ from torch import nn
 from neuron_serve.artifact.graphs import GraphSet, GraphSpec
 from neuron_serve.artifact.manifest import GraphRecord
 from neuron_serve.backends.neuron import sdk
-from neuron_serve.backends.neuron.graphs import check_distinct_shapes, example_inputs, neuron_graph
+from neuron_serve.backends.neuron.calling_convention import check_distinct_shapes, example_inputs, neuron_graph
 from neuron_serve.backends.neuron.parallel_model import LayerFactory, build_parallel_model
 from neuron_serve.backends.neuron.runner import GRAPHS_DIR
 from neuron_serve.model.config import ModelConfig

@@ -1,6 +1,6 @@
 """Our `LlamaModel` with neuronx-distributed's parallel linear layers, for tracing with ModelBuilder.
 
-The model code is the CPU path's (``model.py``); only its linear layers change:
+The model code is the CPU path's (``model/llama.py``); only its linear layers change:
 
 - q/k/v and gate/up become ``ColumnParallelLinear(gather_output=False)``, o and down become
   ``RowParallelLinear(input_is_parallel=True)``. Each layer knows its partition dimension and a

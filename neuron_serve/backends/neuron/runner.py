@@ -15,8 +15,8 @@ the cache becomes state of the traced module (one ``nn.Parameter`` per layer for
 StateInitializer), every graph returns the scatter-updated cache, and ``input_output_aliases``
 (set per graph in `sdk._model_instance`) maps those outputs onto the parameters, so the update
 happens in place on the device. The graphs then take token ids and positions, return only logits, and
-the host holds no KV at all; the forwards in ``model.py`` would gain the cache write that they now
-leave to the caller, and the per-rank head selection and gathers in ``graphs.py`` would go.
+the host holds no KV at all; the forwards in ``model/llama.py`` would gain the cache write that they now
+leave to the caller, and the per-rank head selection and gathers in ``calling_convention.py`` would go.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from neuron_serve.artifact.manifest import ArtifactManifest
 from neuron_serve.backends.base import LoadTimes
 from neuron_serve.backends.bucketed import BucketedRunner, GraphOutput
 from neuron_serve.backends.neuron import sdk
+from neuron_serve.backends.neuron.calling_convention import cache_heads, rank_weights
 from neuron_serve.backends.neuron.cores import visible_core_count
-from neuron_serve.backends.neuron.graphs import cache_heads, rank_weights
 from neuron_serve.model.kv_cache import KVCache
 
 GRAPHS_DIR = "graphs"
@@ -61,8 +61,8 @@ def _int32(*tensors: torch.Tensor) -> list[torch.Tensor]:
 
 
 class NeuronRunner(BucketedRunner):
-    """Calls the compiled graphs with the inputs `graphs.example_inputs` describes; owns the host KV
-    cache, which holds every rank's KV heads (`graphs.cache_heads`)."""
+    """Calls the compiled graphs with the inputs `calling_convention.example_inputs` describes; owns the host KV
+    cache, which holds every rank's KV heads (`calling_convention.cache_heads`)."""
 
     def __init__(self, directory: Path, manifest: ArtifactManifest, times: LoadTimes, load: GraphLoader | None = None):
         recipe, config = manifest.recipe, manifest.model_config
