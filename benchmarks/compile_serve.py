@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from neuron_serve.backends.base import LoadTimes
+from neuron_serve.backends.base import LoadTimes, run_decode, run_prompt
 from neuron_serve.backends.cpu.runners import EagerRunner
 from neuron_serve.backends.registry import open_runner
 from neuron_serve.compiler.compile import compile_recipe
@@ -24,14 +24,12 @@ from neuron_serve.weights.loader import build_model, load_model_files
 
 
 def decode_rate(runner, batch: int, steps: int, position: int = 200) -> float:
-    """Tokens/s of decode steps with `batch` busy slots (the rest idle), all at `position`."""
-    slots = runner.graphs.batch_size
-    tokens = [17] * slots
-    positions = [position] * batch + [0] * (slots - batch)
-    runner.decode(tokens, positions, active=batch)
+    """Tokens/s of decode steps of `batch` streams in slots 0..batch-1, all at `position`."""
+    slots, tokens, positions = list(range(batch)), [17] * batch, [position] * batch
+    run_decode(runner, slots, tokens, positions)
     started = time.perf_counter()
     for _ in range(steps):
-        runner.decode(tokens, positions, active=batch)
+        run_decode(runner, slots, tokens, positions)
     return batch * steps / (time.perf_counter() - started)
 
 
@@ -56,7 +54,7 @@ def main() -> None:
     forward = ForwardProcess(result.out_dir)
     tokenizer = AutoTokenizer.from_pretrained(result.out_dir / "tokenizer")
     forward.wait_ready(times)
-    forward.prefill(tokenizer.encode("What is the capital of France?"), slot=0).logits.argmax()
+    run_prompt(forward, tokenizer.encode("What is the capital of France?"), slot=0).argmax()
     cold = time.perf_counter() - started
     forward.close()
     phases = ", ".join(f"{k} {v:.2f} s" for k, v in times.phases.items())
@@ -64,7 +62,8 @@ def main() -> None:
 
     runner, _ = open_runner(result.out_dir)
     shapes = recipe.shapes
-    model = build_model(load_model_files(recipe.model.source, recipe.model.torch_dtype), shapes.max_seq_len)
+    dtype = manifest.recipe.model.torch_dtype  # as compiled: "auto" resolved for this machine
+    model = build_model(load_model_files(recipe.model.source, dtype), shapes.max_seq_len)
     eager = EagerRunner(model, runner.graphs)
     print(f"decode tokens/s ({torch.get_num_threads()} threads):  batch   aot    eager")
     for batch in sorted({1, shapes.batch_size}):

@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 
 import nki_kernels
-from neuron_serve.artifact.graphs import GraphSpec
-from neuron_serve.backends.cpu.export import compile_graph, constants_map
+from neuron_serve.backends.cpu.export import AOTI_CONFIG, constants_map
 from neuron_serve.engine.sampler import SamplingParams, sample_row
 from neuron_serve.model.kv_cache import KVCache
 from neuron_serve.model.llama import LlamaModel
@@ -57,12 +56,32 @@ def sampler(kernels: frozenset[str], batch: int) -> Callable[[torch.Tensor], obj
     return sample
 
 
+class _Decode(torch.nn.Module):
+    def __init__(self, model: LlamaModel, kv_len: int):
+        super().__init__()
+        self.model, self.kv_len = model, kv_len
+
+    def forward(self, tokens, positions, k_cache, v_cache):
+        return self.model.decode(tokens, positions, k_cache, v_cache, self.kv_len)
+
+
+def compile_decode(model: LlamaModel, batch: int, kv_len: int, path: Path) -> Path:
+    """`LlamaModel.decode` at one batch size and KV length through torch.export + AOTInductor."""
+    cache = model.new_kv_cache(batch)
+    inputs = (torch.zeros(batch, dtype=torch.long), torch.zeros(batch, dtype=torch.long), cache.keys, cache.values)
+    with torch.no_grad():
+        exported = torch.export.export(_Decode(model, kv_len), inputs)
+        return Path(
+            torch._inductor.aoti_compile_and_package(exported, package_path=str(path), inductor_configs=AOTI_CONFIG)
+        )
+
+
 def load_graph(model: LlamaModel, batch: int, kv_len: int, directory: Path):
     """One decode graph of `model`, compiled and loaded on the model's own weights; called as model.decode."""
     started = time.perf_counter()
     kernels = sorted(model.kernels - NOT_IN_DECODE_GRAPH)
     path = directory / f"decode_{'-'.join(kernels) or 'off'}_{batch}.pt2"
-    package = torch._inductor.aoti_load_package(str(compile_graph(model, GraphSpec("decode", kv_len), batch, path)))
+    package = torch._inductor.aoti_load_package(str(compile_decode(model, batch, kv_len, path)))
     state = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
     package.load_constants(constants_map(package, state), check_full_update=True, user_managed=True)
     print(f"  compiled the decode graph with {kernels}, batch {batch}: {time.perf_counter() - started:.0f} s")

@@ -43,12 +43,16 @@ def default_loaded():
 REPO = Path(__file__).resolve().parent.parent
 
 
-def eager_runner(model, slots: int, context_buckets: list[int], token_buckets: list[int]):
-    """The eager model as a runner over a graph set of these buckets."""
+def eager_runner(model, slots: int, context_buckets: list[int], token_buckets: list[int], **graph_set):
+    """The eager model as a runner over a graph set of these buckets (and `batch_buckets`, `token_budget`)."""
     from neuron_serve.artifact.graphs import GraphSet
     from neuron_serve.backends.cpu.runners import EagerRunner
 
-    return EagerRunner(model, GraphSet(slots, model.max_seq_len, tuple(context_buckets), tuple(token_buckets)))
+    if "batch_buckets" in graph_set:
+        graph_set["batch_buckets"] = tuple(graph_set["batch_buckets"])
+    return EagerRunner(
+        model, GraphSet(slots, model.max_seq_len, tuple(context_buckets), tuple(token_buckets), **graph_set)
+    )
 
 
 def tiny_recipe(**changes):

@@ -15,10 +15,11 @@ from conftest import tiny_recipe
 from server_handle import ServerHandle
 
 from neuron_serve.artifact.manifest import CorruptArtifactError
-from neuron_serve.backends.base import LoadTimes
+from neuron_serve.backends.base import LoadTimes, run_decode, run_prompt
 from neuron_serve.backends.registry import open_runner
 from neuron_serve.compiler.compile import compile_recipe
 from neuron_serve.engine.forward_process import ForwardProcess, ForwardProcessError
+from neuron_serve.model.step import PromptChunk, StepBatch
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +35,13 @@ def forward(tiny_artifacts):
 def test_logits_and_padding_counts_match_the_in_process_runner(forward, tiny_artifacts):
     local, _ = open_runner(tiny_artifacts)
     prompt = [5, 9, 200, 31, 7]
-    remote_prefill, local_prefill = forward.prefill(prompt, 1), local.prefill(prompt, 1)
-    assert (remote_prefill.logits - local_prefill.logits).abs().max() < 1e-5
-    tokens, positions = [0, 42, 0, 0], [0, len(prompt), 0, 0]
-    remote_decode, local_decode = forward.decode(tokens, positions, active=1), local.decode(tokens, positions, active=1)
-    assert (remote_decode.logits - local_decode.logits).abs().max() < 1e-5
-    assert remote_prefill.uses == local_prefill.uses and remote_decode.uses == local_decode.uses
+    prefill = StepBatch(chunks=[PromptChunk(1, 0, prompt), PromptChunk(2, 0, prompt[:3])])
+    mixed = StepBatch([1], [42], [len(prompt)], [PromptChunk(2, 3, prompt[3:])])
+    for batch in (prefill, mixed):
+        remote, here = forward.step(batch), local.step(batch)
+        assert remote.logits.shape == here.logits.shape == (2, forward._logits.shape[1])
+        assert (remote.logits - here.logits).abs().max() < 1e-5
+        assert remote.uses == here.uses
     assert forward.graphs == local.graphs
     assert {"start_forward_process", "verify_checksums", "load_graphs", "warm_up"} <= set(forward.load_phases)
 
@@ -47,18 +49,20 @@ def test_logits_and_padding_counts_match_the_in_process_runner(forward, tiny_art
 def test_an_error_in_a_call_is_raised_here_and_the_process_serves_on(forward):
     max_seq_len = forward.graphs.max_seq_len
     with pytest.raises(ValueError, match=f"must be 1 to {max_seq_len - 1} tokens"):
-        forward.prefill([1] * max_seq_len, 0)
-    assert forward.prefill([1, 2, 3], 0).logits.shape[0] > 0
+        run_prompt(forward, [1] * max_seq_len, 0)
+    with pytest.raises(ValueError, match="past the largest bucket"):
+        forward.step(StepBatch([0], [1], [max_seq_len]))
+    assert run_prompt(forward, [1, 2, 3], 0).shape == (forward._logits.shape[1],)
 
 
 def test_a_corrupt_artifact_is_reported_with_its_own_error(tiny_artifacts, tmp_path):
     copy = compile_recipe(tiny_recipe(), tmp_path / "copy").out_dir
-    target = copy / "graphs" / "decode_64.pt2"
+    target = copy / "graphs" / "step.pt2"
     data = target.read_bytes()
     target.unlink()  # a new file: the cache entry behind the hard link stays intact
     target.write_bytes(data[: len(data) // 2])
     process = ForwardProcess(copy)
-    with pytest.raises(CorruptArtifactError, match=r"graphs/decode_64\.pt2"):
+    with pytest.raises(CorruptArtifactError, match=r"graphs/step\.pt2"):
         process.wait_ready(LoadTimes())
     process.close()
 
@@ -69,10 +73,9 @@ def test_a_dead_forward_process_is_a_clear_error(tiny_artifacts):
     process.wait_ready(LoadTimes())
     os.kill(process._process.pid, signal.SIGKILL)
     with pytest.raises(ForwardProcessError, match=r"exited \(exit code -9\)"):
-        slots = process.graphs.batch_size
-        process.decode([0] * slots, [0] * slots, active=0)
+        run_decode(process, [0], [0], [1])
     with pytest.raises(ForwardProcessError):  # and at once from then on
-        process.prefill([1], 0)
+        run_prompt(process, [1], 0)
     assert reported == ["the forward process exited (exit code -9)"]
     process.close()
 

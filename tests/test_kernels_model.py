@@ -18,10 +18,9 @@ from rich.console import Console
 
 import nki_kernels
 from neuron_serve.artifact.compile_cache import CompileCache
-from neuron_serve.artifact.graphs import DECODE, GraphSpec
-from neuron_serve.backends.base import CompileJob
+from neuron_serve.backends.base import CompileJob, run_decode, run_prompt
 from neuron_serve.backends.cpu.compile import tracing_model
-from neuron_serve.backends.cpu.export import compile_graph, constants_map
+from neuron_serve.backends.cpu.export import compile_step_graph, constants_map
 from neuron_serve.backends.registry import open_runner
 from neuron_serve.compiler.compile import compile_recipe
 from neuron_serve.engine import sampler as sampler_module
@@ -31,6 +30,7 @@ from neuron_serve.engine.prompts import encode_prompt
 from neuron_serve.engine.sampler import SamplingParams, fused_is_exact
 from neuron_serve.engine.sequence import Finished, Sequence
 from neuron_serve.model.state import model_from_state_dict
+from neuron_serve.model.step import PromptChunk, StepBatch, step_tensors
 from neuron_serve.weights.loader import load_model_files
 from neuron_serve.weights.tiny import write_tiny_model
 from nki_kernels import reference
@@ -69,57 +69,66 @@ def prompt(length: int, seed: int) -> list[int]:
     return torch.randint(3, 300, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def decode_in_step(plain, fused, tokens: list[int], positions: list[int], steps: int):
-    """`steps` decode steps on both runners with the same tokens; logits and stored caches agree."""
-    active = sum(p > 0 for p in positions)
+def decode_in_step(plain, fused, slots: list[int], tokens: list[int], positions: list[int], steps: int):
+    """`steps` decode steps of `slots` on both runners with the same tokens; logits and caches agree.
+    Slots below the highest that are not listed run as idle rows (position 0: no cached keys)."""
     for step in range(steps):
-        expected = plain.decode(tokens, positions, active).logits
-        assert_near(fused.decode(tokens, positions, active).logits, expected, f"decode step {step}")
-        positions = [p + 1 if p else 0 for p in positions]  # position 0 is an idle slot: it stays there
+        expected = run_decode(plain, slots, tokens, positions)
+        assert_near(run_decode(fused, slots, tokens, positions), expected, f"decode step {step}")
+        positions = [p + 1 for p in positions]
     assert_near(fused.cache.keys, plain.cache.keys, "keys stored by decode")
     assert_near(fused.cache.values, plain.cache.values, "values stored by decode")
 
 
-def test_prefill_every_bucket_then_decode(loaded):
-    plain, fused = runners(loaded, 4, context_buckets=[16, 160, 640], token_buckets=[64, MAX_SEQ_LEN])
-    # Slot 0 stays idle (decodes at position 0: no cached keys, lse = -inf); a full bucket, a
-    # padded one, and a prompt whose decode spans two 512-key blocks.
+def test_prefill_then_decode(loaded):
+    plain, fused = runners(loaded, 4, context_buckets=[16, 160], token_buckets=[64, MAX_SEQ_LEN])
+    # Slot 0 stays idle; a full bucket, a padded one, a prompt in four steps whose decode spans two
+    # 512-key blocks.
     for slot, length in ((1, 16), (2, 100), (3, 600)):
         ids = prompt(length, seed=slot)
-        assert_near(fused.prefill(ids, slot).logits, plain.prefill(ids, slot).logits, f"prefill of {length} tokens")
+        assert_near(run_prompt(fused, ids, slot), run_prompt(plain, ids, slot), f"prefill of {length} tokens")
     assert_near(fused.cache.keys, plain.cache.keys, "keys stored by prefill")
     assert_near(fused.cache.values, plain.cache.values, "values stored by prefill")
-    decode_in_step(plain, fused, [5, 6, 7, 8], [0, 16, 100, 600], steps=3)
+    decode_in_step(plain, fused, [1, 2, 3], [6, 7, 8], [16, 100, 600], steps=3)
+
+
+def test_the_prefill_graph_of_the_neuron_family_with_prefill_attention(loaded):
+    """`LlamaModel.prefill` (a prompt from position 0, as the neuron backend compiles it) with the
+    prefill_attention kernel: 600 tokens are 5 of its query blocks."""
+    plain, fused = runners(loaded, 1, context_buckets=[16], token_buckets=[MAX_SEQ_LEN])
+    tokens = torch.tensor([prompt(600, seed=3)])
+    with torch.inference_mode():
+        expected, got = (
+            plain.model.prefill(tokens, torch.tensor([599])),
+            fused.model.prefill(tokens, torch.tensor([599])),
+        )
+    for name, a, b in zip(("logits", "keys", "values"), got, expected, strict=True):
+        assert_near(a, b, name)
 
 
 def test_chunked_prefill_then_decode(loaded):
-    """The chunk graph keeps SDPA for attention but uses the norm, qkv and MLP kernels."""
+    """A continued prompt attends its cache row with SDPA; the norm, qkv and MLP kernels still run."""
     plain, fused = runners(loaded, 2, context_buckets=[8, 16], token_buckets=[64])
     ids = prompt(45, seed=7)
-    chunked = fused.prefill(ids, 1)
-    assert_near(chunked.logits, plain.prefill(ids, 1).logits, "chunked prefill")
-    assert sum(use.real for use in chunked.uses if use.graph == "prefill_chunk_16") == 45 - 16
-    decode_in_step(plain, fused, [9, 10], [0, 45], steps=3)
+    assert_near(run_prompt(fused, ids, 1), run_prompt(plain, ids, 1), "chunked prefill")
+    decode_in_step(plain, fused, [1], [10], [45], steps=3)
 
 
-def test_decode_graph_with_kernels_matches_eager_model(loaded, tmp_path):
-    """One decode graph traced with every kernel, through torch.export + AOTInductor."""
+def test_step_graph_with_kernels_matches_eager_model(loaded, tmp_path):
+    """The step graph traced with every kernel, through torch.export + AOTInductor."""
     plain, fused = runners(loaded, 3, context_buckets=[32], token_buckets=[64])
-    path = compile_graph(fused.model, GraphSpec(DECODE, 64), 3, tmp_path / "decode_64.pt2")
-    package = torch._inductor.aoti_load_package(str(path))
+    package = torch._inductor.aoti_load_package(str(compile_step_graph(fused.model, fused.graphs, tmp_path / "s.pt2")))
     state = dict(fused.model.named_parameters(remove_duplicate=False)) | dict(fused.model.named_buffers())
     package.load_constants(constants_map(package, state), check_full_update=True, user_managed=True)
     for slot, length in ((1, 30), (2, 9)):
-        plain.prefill(prompt(length, seed=slot), slot)
-    tokens, positions = torch.tensor([4, 5, 6]), torch.tensor([0, 30, 9])
-    for step in range(3):
-        cache = plain.cache
-        expected = plain.model.decode(tokens, positions, cache.keys, cache.values, 64)
-        got = package(tokens, positions, cache.keys, cache.values)
-        for name, a, b in zip(("logits", "keys", "values"), got, expected, strict=True):
-            assert_near(a, b, f"graph {name}, step {step}")
-        cache.store_decode(positions, *expected[1:])
-        positions = torch.where(positions > 0, positions + 1, 0)
+        run_prompt(plain, prompt(length, seed=slot), slot)
+    batch = StepBatch([1, 2], [4, 5], [30, 9], [PromptChunk(0, 0, prompt(6, seed=9))])
+    shape, _ = plain.graphs.step_shape(batch)
+    inputs = (*step_tensors(batch, shape), plain.cache.keys, plain.cache.values)
+    with torch.inference_mode():
+        expected = plain.model.step(*inputs)
+    for name, a, b in zip(("logits", "keys", "values"), package(*inputs), expected, strict=True):
+        assert_near(a, b, f"graph {name}")
 
 
 @pytest.mark.parametrize("block", [16, 512])
@@ -199,9 +208,9 @@ def test_default_model_greedy_chat_answer_is_the_same_with_kernels(default_loade
     for kernels in (frozenset(), ALL):
         model = model_from_state_dict(default_loaded.config, default_loaded.state_dict, 256, kernels=kernels)
         runner = eager_runner(model, 1, context_buckets=[64], token_buckets=[256])
-        out = [int(runner.prefill(ids, 0).logits.argmax())]
+        out = [int(run_prompt(runner, ids, 0).argmax())]
         for _ in range(23):
-            out.append(int(runner.decode([out[-1]], [len(ids) + len(out) - 1], 1).logits[0].argmax()))
+            out.append(int(run_decode(runner, [0], [out[-1]], [len(ids) + len(out) - 1])[0].argmax()))
         answers.append(out)
     assert answers[0] == answers[1], [default_loaded.tokenizer.decode(a) for a in answers]
     assert "Paris" in default_loaded.tokenizer.decode(answers[1])

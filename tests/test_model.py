@@ -7,6 +7,8 @@ import torch
 from conftest import eager_runner
 from hf_reference import hf_logits, hf_model
 
+from neuron_serve.backends.base import run_decode, run_prompt
+from neuron_serve.model.step import StepBatch
 from neuron_serve.weights.loader import build_model, load_model_files
 from neuron_serve.weights.tiny import write_tiny_model
 
@@ -32,11 +34,9 @@ VARIANTS = {
 def prefill_then_decode(model, ids: list[int], prompt_len: int, bucket: int, slot: int, slots: int = 3):
     """Our logits for positions prompt_len-1 .. len(ids)-1: one prefill, then decode steps."""
     runner = eager_runner(model, slots, context_buckets=[bucket], token_buckets=[model.max_seq_len])
-    rows = [runner.prefill(ids[:prompt_len], slot).logits]
+    rows = [run_prompt(runner, ids[:prompt_len], slot)]
     for position in range(prompt_len, len(ids)):
-        tokens, positions = [0] * slots, [0] * slots
-        tokens[slot], positions[slot] = ids[position], position
-        rows.append(runner.decode(tokens, positions, active=1).logits[slot])
+        rows.append(run_decode(runner, [slot], [ids[position]], [position])[0])
     return torch.stack(rows)
 
 
@@ -63,24 +63,53 @@ def test_decode_slots_at_different_positions_match_each_alone(tiny_loaded):
     sequences = [list(range(5, 5 + n)) for n in (7, 19, 3, 12)]
     runner = eager_runner(model, len(sequences), context_buckets=[32], token_buckets=[32, 64])
     for slot, seq in enumerate(sequences):
-        runner.prefill(seq[:-1], slot)
-    positions = [len(seq) - 1 for seq in sequences]
-    batched = runner.decode([seq[-1] for seq in sequences], positions, active=len(sequences)).logits
+        run_prompt(runner, seq[:-1], slot)
+    slots = list(range(len(sequences)))
+    batched = run_decode(runner, slots, [seq[-1] for seq in sequences], [len(seq) - 1 for seq in sequences])
     for slot, seq in enumerate(sequences):
         alone = prefill_then_decode(model, seq, len(seq) - 1, bucket=32, slot=0, slots=1)[-1]
         assert (batched[slot] - alone).abs().max() < 1e-5, f"slot {slot} differs when batched"
 
 
+def test_batch_bucketed_decode_matches_full_batch_decode(tiny_loaded):
+    """Three streams in slots 0, 1 and 4 of 8: the step runs 8 rows with batch buckets (1, 2, 8) and with
+    (8,) alike, and 2 rows once the stream in slot 4 is gone. Same logits either way."""
+    model = build_model(tiny_loaded, 64)
+    bucketed = eager_runner(model, 8, context_buckets=[32], token_buckets=[64], batch_buckets=[1, 2, 8])
+    full = eager_runner(model, 8, context_buckets=[32], token_buckets=[64], batch_buckets=[8])
+    sequences = {0: list(range(5, 14)), 1: list(range(20, 24)), 4: list(range(40, 57))}
+    for runner in (bucketed, full):
+        for slot, seq in sequences.items():
+            run_prompt(runner, seq[:-1], slot)
+    for slots in ([0, 1, 4], [0, 1]):
+        tokens, positions = [sequences[s][-1] for s in slots], [len(sequences[s]) - 1 for s in slots]
+        ours = bucketed.step(StepBatch(slots, tokens, positions))
+        theirs = full.step(StepBatch(slots, tokens, positions))
+        assert (ours.logits - theirs.logits).abs().max() < 1e-5
+        assert ours.uses[0].padded == (8 if 4 in slots else 2) and theirs.uses[0].padded == 8
+
+
 def test_chunked_prefill_matches_unchunked(tiny_loaded):
-    """A prompt longer than the largest context bucket goes through it in chunks: same logits, and
+    """A prompt longer than the step's prompt budget goes through it in chunks: same logits, and
     the cache it leaves gives the same next decode step."""
     model = build_model(tiny_loaded, 64)
     ids = [(i * 7) % 300 + 3 for i in range(45)]
     whole = eager_runner(model, 2, context_buckets=[64], token_buckets=[64])
     chunked = eager_runner(model, 2, context_buckets=[8, 16], token_buckets=[64])
-    chunked_prefill = chunked.prefill(ids, slot=1)
-    assert (chunked_prefill.logits - whole.prefill(ids, slot=1).logits).abs().max() < 1e-4
-    uses = [(use.graph, use.real, use.padded) for use in chunked_prefill.uses]
-    assert uses == [("prefill_16", 16, 16), ("prefill_chunk_16", 16, 16), ("prefill_chunk_16", 13, 16)]
-    step = ([0, 17], [0, 45], 1)
-    assert (chunked.decode(*step).logits[1] - whole.decode(*step).logits[1]).abs().max() < 1e-4
+    assert (run_prompt(chunked, ids, slot=1) - run_prompt(whole, ids, slot=1)).abs().max() < 1e-4
+    step = ([1], [17], [45])
+    assert (run_decode(chunked, *step) - run_decode(whole, *step)).abs().max() < 1e-4
+
+
+def test_bf16_logits_stay_within_the_stated_tolerance_of_fp32(tiny_loaded):
+    """What `model.dtype = "auto"` gives a CPU with bf16 instructions: bf16 weights, activations and KV
+    cache. Tolerance: 0.05 absolute on the tiny model's logits (|logits| ~ 2; bf16 keeps 8 bits of
+    mantissa, so each of the two layers' matmuls is off by ~0.4%)."""
+    ids = list(range(3, 40))
+    logits = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = build_model(tiny_loaded, 64).to(dtype)
+        runner = eager_runner(model, 2, context_buckets=[16], token_buckets=[64])
+        logits[dtype] = torch.stack([run_prompt(runner, ids, 1), run_decode(runner, [1], [5], [len(ids)])[0]])
+    assert logits[torch.bfloat16].dtype == torch.bfloat16
+    assert (logits[torch.bfloat16].float() - logits[torch.float32]).abs().max() < 0.05

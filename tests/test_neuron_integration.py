@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from neuron_serve.artifact.manifest import ArtifactManifest, GraphRecord, toolchain_versions, write_manifest
-from neuron_serve.backends.base import LoadTimes
+from neuron_serve.backends.base import LoadTimes, run_prompt
 from neuron_serve.backends.cpu.runners import EagerRunner
 from neuron_serve.backends.neuron import sdk
 from neuron_serve.backends.neuron.calling_convention import (
@@ -46,6 +46,7 @@ from neuron_serve.model.config import ModelConfig
 from neuron_serve.model.llama import LlamaModel
 from neuron_serve.model.sharding import shard_state_dict
 from neuron_serve.model.state import stored_shard
+from neuron_serve.model.step import PromptChunk, StepBatch
 from neuron_serve.weights.loaded import LoadedModel
 from neuron_serve.weights.loader import build_model
 from neuron_serve.weights.tiny import TINY_CONFIG, random_state_dict
@@ -361,15 +362,15 @@ def test_the_runner_matches_the_eager_model_in_every_bucket(tmp_path, emulated_n
 def compare_with_eager(runner, loaded, recipe, tolerance: float) -> None:
     eager = EagerRunner(build_model(loaded, recipe.shapes.max_seq_len), runner.graphs)
     graphs_run = set()
-    for slot, prompt in enumerate(PROMPTS.values()):
-        ours = runner.prefill(prompt, slot)
-        torch.testing.assert_close(ours.logits, eager.prefill(prompt, slot).logits, atol=tolerance, rtol=0)
+    for slot, prompt in enumerate(PROMPTS.values()):  # a whole prompt per step: the neuron family cuts it
+        ours = runner.step(StepBatch(chunks=[PromptChunk(slot, 0, prompt)]))
+        torch.testing.assert_close(ours.logits[0], run_prompt(eager, prompt, slot), atol=tolerance, rtol=0)
         graphs_run |= {use.graph for use in ours.uses}
     assert graphs_run == {"prefill_16", "prefill_32", "prefill_chunk_32"}
-    for positions in ([11, 30, 50, 0], [70, 30, 100, 0]):  # decode_64, then decode_128
-        tokens = [7, 8, 9, 0]
-        ours, expected = runner.decode(tokens, positions, active=3), eager.decode(tokens, positions, active=3)
-        torch.testing.assert_close(ours.logits, expected.logits, atol=tolerance, rtol=0)
+    for positions in ([11, 30, 50], [70, 30, 100]):  # decode_64, then decode_128
+        batch = StepBatch([0, 1, 2], [7, 8, 9], positions)
+        ours = runner.step(batch)
+        torch.testing.assert_close(ours.logits, eager.step(batch).logits, atol=tolerance, rtol=0)
         graphs_run |= {use.graph for use in ours.uses}
     assert {"decode_64", "decode_128"} <= graphs_run
 

@@ -9,7 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 import tomli_w
+from conftest import tiny_recipe
 
+from neuron_serve.artifact.graphs import GraphSet
 from neuron_serve.recipe.cli import add_recipe_parser
 from neuron_serve.recipe.files import load_recipe, recipe_from_dict, save_recipe
 from neuron_serve.recipe.schema import Recipe, RecipeError
@@ -52,18 +54,23 @@ def test_shipped_recipes_exist_and_validate():
         assert recipe_errors(recipe) == []
 
 
-def test_default_recipe_values():
+def test_the_default_recipe_serves_32_streams_and_leaves_prompts_room_in_every_step():
     r = load_recipe(COMPILE_DIR / "smollm2-135m-cpu.toml")
-    assert (r.model.source, r.model.dtype, r.target.kind, r.target.tp_degree) == (
-        "default",
-        "float32",
-        "cpu",
-        1,
+    assert r.model.dtype == "auto" and r.target.kind == "cpu" and r.shapes.batch_size >= 32
+    graphs = GraphSet.from_shapes(r.shapes)
+    assert graphs.batch_buckets[0] == 1 and graphs.batch_buckets[-1] == r.shapes.batch_size
+    assert graphs.prompt_budget(r.shapes.batch_size) > 0, "prompts still go in while every slot decodes"
+
+
+def test_step_shapes_are_checked_and_each_error_names_its_field():
+    errors = recipe_errors(
+        tiny_recipe(**{"shapes.batch_buckets": [1, 2], "shapes.token_budget": 5, "model.dtype": "fp8"})
     )
-    assert (r.shapes.batch_size, r.shapes.max_seq_len) == (8, 2048)
-    assert r.shapes.context_buckets == [64, 256, 1024]
-    assert r.shapes.token_buckets == [256, 512, 1024, 2048]
-    assert r.compiler.cpu_mode == "aot" and r.kernels.enabled == ["sampling"]
+    assert any(
+        e.startswith("shapes.batch_buckets: the largest bucket must equal shapes.batch_size (4)") for e in errors
+    )
+    assert any(e.startswith("shapes.token_budget: must be 0 (automatic) or at least") and "20" in e for e in errors)
+    assert any(e.startswith("model.dtype: must be one of float32, bfloat16, float16, auto") for e in errors)
 
 
 def test_default_recipe_fits_smollm2_heads():
@@ -123,7 +130,7 @@ def test_missing_keys_take_documented_defaults():
             "shapes.token_buckets: the largest bucket must equal shapes.max_seq_len",
         ),
         ("shapes.batch_size", 0, "shapes.batch_size: must be >= 1, got 0"),
-        ("model.dtype", "fp16", "model.dtype: must be one of float32, bfloat16, float16, got 'fp16'"),
+        ("model.dtype", "fp16", "model.dtype: must be one of float32, bfloat16, float16, auto, got 'fp16'"),
         ("model.source", "hf://meta-llama/x", "model.source: only local paths"),
         ("model.source", "s3://", "model.source: must look like s3://bucket/prefix"),
         ("target.kind", "gpu", "target.kind: must be one of cpu, neuron"),

@@ -4,59 +4,110 @@ from __future__ import annotations
 
 import pytest
 
+from neuron_serve.artifact.graphs import GraphSet
 from neuron_serve.engine.sampler import SamplingParams
 from neuron_serve.engine.scheduler import QueueFullError, Scheduler
 from neuron_serve.engine.sequence import Sequence
+from neuron_serve.model.step import PromptChunk
 
 
 def request(prompt_len: int = 3) -> Sequence:
     return Sequence(list(range(1, prompt_len + 1)), SamplingParams(), None, frozenset())
 
 
-def test_waiting_requests_take_free_slots_in_arrival_order():
-    scheduler = Scheduler(slots=2, max_waiting=8)
+def scheduler(slots: int = 2, budget: int = 0, context: tuple[int, ...] = (16, 32), max_waiting: int = 8):
+    return Scheduler(GraphSet(slots, 128, context, (64, 128), token_budget=budget), max_waiting)
+
+
+def decoded(sched: Scheduler, seq: Sequence, token: int = 7) -> None:
+    """What the engine does after a step that finished `seq`'s prompt."""
+    sched.prompt_done(seq)
+    seq.output_ids.append(token)
+
+
+def test_waiting_requests_take_the_lowest_free_slots_in_arrival_order():
+    sched = scheduler(slots=2)
     first, second, third = request(), request(), request()
     for seq in (first, second, third):
-        scheduler.add(seq)
-    admitted, cancelled = scheduler.admit()
-    assert admitted == [first, second] and not cancelled
-    assert [first.slot, second.slot] == [0, 1] and list(scheduler.waiting) == [third]
-    assert scheduler.admit() == ([], []), "no slot is free"
-    scheduler.release(first)
-    assert scheduler.admit() == ([third], []) and third.slot == 0
+        sched.add(seq)
+    plan = sched.schedule()
+    assert plan.prompting == [first, second] and not plan.cancelled
+    assert plan.batch.chunks == [PromptChunk(0, 0, [1, 2, 3]), PromptChunk(1, 0, [1, 2, 3])]
+    assert list(sched.waiting) == [third]
+    decoded(sched, first)
+    decoded(sched, second)
+    sched.release(first)
+    plan = sched.schedule()
+    assert plan.prompting == [third] and third.slot == 0 and plan.decoding == [second]
 
 
 def test_the_queue_bound_is_a_clear_error():
-    scheduler = Scheduler(slots=1, max_waiting=2)
-    scheduler.add(request())
-    scheduler.add(request())
+    sched = scheduler(max_waiting=2)
+    sched.add(request())
+    sched.add(request())
     with pytest.raises(QueueFullError, match=r"waiting queue is full \(2 requests\)"):
-        scheduler.add(request())
+        sched.add(request())
 
 
 def test_cancelled_requests_are_dropped_from_the_queue_and_free_their_slots():
-    scheduler = Scheduler(slots=2, max_waiting=8)
+    sched = scheduler(slots=2)
     gone_early, running, gone_later = request(), request(), request()
     for seq in (gone_early, running, gone_later):
-        scheduler.add(seq)
+        sched.add(seq)
     gone_early.cancelled.set()
-    admitted, cancelled = scheduler.admit()
-    assert admitted == [running, gone_later] and cancelled == [gone_early]
+    plan = sched.schedule()
+    assert plan.prompting == [running, gone_later] and plan.cancelled == [gone_early]
     gone_later.cancelled.set()
-    assert scheduler.take_cancelled() == [gone_later]
-    assert scheduler.slots == [running, None] and scheduler.busy == 1
+    assert sched.take_cancelled() == [gone_later]
+    assert sched.slots == [running, None] and sched.busy == 1 and sched.prefilling == [running]
 
 
-def test_a_decode_batch_carries_each_busy_slot_at_its_position():
-    scheduler = Scheduler(slots=3, max_waiting=8)
+def test_a_step_decodes_every_running_request_at_its_position():
+    sched = scheduler(slots=3)
     short, long = request(prompt_len=2), request(prompt_len=5)
     for seq in (short, long):
-        scheduler.add(seq)
-    scheduler.admit()
-    short.output_ids, long.output_ids = [11], [21, 22]
-    scheduler.release(short)
-    batch = scheduler.decode_batch()
-    assert batch.sequences == [long]
-    assert batch.tokens == [0, 22, 0] and batch.positions == [0, 6, 0]
-    scheduler.release(long)
-    assert scheduler.decode_batch() is None and not scheduler.has_work()
+        sched.add(seq)
+    sched.schedule()
+    decoded(sched, short, 11)
+    decoded(sched, long, 21)
+    long.output_ids.append(22)
+    sched.release(short)
+    batch = sched.schedule().batch
+    assert (batch.decode_slots, batch.decode_tokens, batch.decode_positions) == ([1], [22], [6])
+    assert not batch.chunks
+    sched.release(long)
+    assert not sched.has_work()
+
+
+def test_a_long_prompt_is_cut_to_the_budget_and_continued_first_in_the_next_step():
+    sched = scheduler(slots=4, budget=4 + 16, context=(8, 16))
+    running, long, short = request(), request(prompt_len=40), request(prompt_len=5)
+    sched.add(running)
+    sched.schedule()
+    decoded(sched, running)
+    sched.add(long)
+    sched.add(short)
+    starts = []
+    while sched.prefilling or sched.waiting:
+        plan = sched.schedule()
+        assert plan.decoding[0] is running, "the running stream decodes in every step"
+        assert plan.batch.prompt_tokens <= 16
+        assert sum(c.start > 0 for c in plan.batch.chunks) <= 1, "only one prompt continues per step"
+        chunks = zip(plan.prompting, plan.batch.chunks, strict=True)
+        starts.append([(seq.request_id, c.start, len(c.tokens)) for seq, c in chunks])
+        for i, seq in enumerate(plan.prompting):
+            if plan.finishes_prompt(i):
+                decoded(sched, seq)
+    long_id, short_id = long.request_id, short.request_id
+    assert starts == [[(long_id, 0, 16)], [(long_id, 16, 16)], [(long_id, 32, 8), (short_id, 0, 5)]]
+
+
+def test_prompts_get_the_largest_context_bucket_that_the_decodes_leave_room_for():
+    sched = scheduler(slots=8, budget=24, context=(4, 8, 16, 20))
+    for _ in range(6):
+        sched.add(request(prompt_len=2))
+    for seq in sched.schedule().prompting:
+        decoded(sched, seq)
+    sched.add(request(prompt_len=30))
+    plan = sched.schedule()
+    assert len(plan.decoding) == 6 and plan.batch.prompt_tokens == 16, "24 - 6 leaves room for 16, not 20"

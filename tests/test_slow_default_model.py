@@ -11,9 +11,11 @@ import requests
 from conftest import REPO
 from server_handle import ServerHandle
 
+from neuron_serve.backends.base import run_prompt
 from neuron_serve.backends.cpu.runners import EagerRunner
 from neuron_serve.backends.registry import open_runner
 from neuron_serve.compiler.compile import compile_recipe
+from neuron_serve.model.step import PromptChunk, StepBatch
 from neuron_serve.recipe.files import load_recipe
 from neuron_serve.weights.loader import build_model
 
@@ -31,12 +33,11 @@ def test_default_aot_graphs_match_eager(default_artifacts, default_loaded):
     eager = EagerRunner(build_model(default_loaded, aot.graphs.max_seq_len), aot.graphs)
     text = "The history of the Roman Empire is long and full of emperors, wars and roads. " * 120
     ids = default_loaded.tokenizer.encode(text)
-    for slot, length in enumerate((10, 200, 900, 1500)):  # every context bucket, and the chunk graph
-        assert (aot.prefill(ids[:length], slot).logits - eager.prefill(ids[:length], slot).logits).abs().max() < 1e-3
-    for positions in ([10, 200, 0, 0, 0, 0, 0, 0], [10, 200, 900, 1500, 0, 0, 0, 0]):
-        tokens = [ids[p] for p in positions]
-        ours, theirs = aot.decode(tokens, positions, active=4), eager.decode(tokens, positions, active=4)
-        assert (ours.logits - theirs.logits).abs().max() < 1e-3
+    for slot, length in enumerate((10, 200, 900, 1500)):  # one step, or several continued
+        assert (run_prompt(aot, ids[:length], slot) - run_prompt(eager, ids[:length], slot)).abs().max() < 1e-3
+    for slots, positions in (([0, 1], [10, 200]), ([0, 1, 2, 3], [10, 200, 900, 1500])):
+        batch = StepBatch(slots, [ids[p] for p in positions], positions, [PromptChunk(5, 0, ids[:77])])
+        assert (aot.step(batch).logits - eager.step(batch).logits).abs().max() < 1e-3
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from conftest import eager_runner
 from gguf import GGMLQuantizationType
 from gguf_export import export_gguf
 
+from neuron_serve.backends.base import run_prompt
 from neuron_serve.model.config import UnsupportedModelError
 from neuron_serve.model.state import MissingWeightsError
 from neuron_serve.weights import sources
@@ -21,7 +22,7 @@ TEXT = "Paris is the capital of France. Grüße 🙂"
 
 def last_logits(loaded, ids):
     runner = eager_runner(build_model(loaded, 64), 1, context_buckets=[32], token_buckets=[64])
-    return runner.prefill(ids, slot=0).logits
+    return run_prompt(runner, ids, slot=0)
 
 
 def test_gguf_and_hf_directory_give_the_same_model(tiny_dir, tmp_path):

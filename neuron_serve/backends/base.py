@@ -22,6 +22,7 @@ from neuron_serve.artifact.compile_cache import CompileCache
 from neuron_serve.artifact.graphs import GraphSet, GraphUse
 from neuron_serve.artifact.manifest import ArtifactManifest, GraphRecord
 from neuron_serve.model.config import ModelConfig
+from neuron_serve.model.step import PromptChunk, StepBatch
 from neuron_serve.recipe.schema import Recipe
 
 
@@ -37,8 +38,8 @@ class LoadTimes:
 
 @dataclass
 class Forward:
-    """A runner call's result: logits ([vocab] for a prompt, [slots, vocab] for a decode step) and
-    the graph calls it made."""
+    """A step's result: logits [decode slots + chunks, vocab], one row per decode slot then one per
+    prompt chunk (after its last token), in the batch's order; and the graph calls it made."""
 
     logits: torch.Tensor
     uses: list[GraphUse]
@@ -49,15 +50,26 @@ class Runner(Protocol):
 
     graphs: GraphSet
 
-    def prefill(self, prompt: list[int], slot: int) -> Forward:
-        """Fill `slot` with the prompt; the logits after its last token."""
-        ...
-
-    def decode(self, tokens: list[int], positions: list[int], active: int) -> Forward:
-        """One token for every slot (idle ones: any token at position 0); `active` slots are busy."""
+    def step(self, batch: StepBatch) -> Forward:
+        """Run one engine step: store its keys and values in the cache, return its logits."""
         ...
 
     def close(self) -> None: ...
+
+
+def run_prompt(runner: Runner, prompt: list[int], slot: int) -> torch.Tensor:
+    """Fill `slot` with a whole prompt, in steps of the graph set's prompt budget; the logits [vocab]
+    after its last token. For warm-up and tests: the engine interleaves prompts with decodes."""
+    runner.graphs.check_prompt(prompt)
+    budget = runner.graphs.prompt_budget(0)
+    for start in range(0, len(prompt), budget):
+        forward = runner.step(StepBatch(chunks=[PromptChunk(slot, start, prompt[start : start + budget])]))
+    return forward.logits[0]
+
+
+def run_decode(runner: Runner, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
+    """One decode token for each of `slots`; logits [len(slots), vocab]."""
+    return runner.step(StepBatch(list(slots), list(tokens), list(positions))).logits
 
 
 @dataclass
@@ -76,6 +88,10 @@ class CompileJob:
 
 class Backend(ABC):
     kind: str
+
+    @abstractmethod
+    def resolve_dtype(self) -> tuple[str, str]:
+        """(dtype, why): what a recipe's ``model.dtype = "auto"`` compiles to on this target."""
 
     @abstractmethod
     def compile_graphs(self, job: CompileJob) -> list[GraphRecord]:

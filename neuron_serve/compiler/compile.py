@@ -8,6 +8,7 @@ half an artifact.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from dataclasses import dataclass
@@ -22,8 +23,10 @@ from neuron_serve.artifact.manifest import ArtifactManifest, toolchain_versions,
 from neuron_serve.backends.base import CompileJob
 from neuron_serve.backends.registry import backend_for
 from neuron_serve.model.config import ModelConfig
+from neuron_serve.model.kv_cache import KVCache
+from neuron_serve.model.parallel import TensorParallel
 from neuron_serve.model.state import stored_shard
-from neuron_serve.recipe.schema import Recipe
+from neuron_serve.recipe.schema import AUTO_DTYPE, Recipe
 from neuron_serve.recipe.validation import validate_recipe
 from neuron_serve.weights.loader import load_model_files
 from neuron_serve.weights.local_cache import cache_dir
@@ -43,9 +46,19 @@ def default_out_dir(recipe: Recipe) -> Path:
     return Path("artifacts") / recipe.name
 
 
+def resolve_precision(recipe: Recipe, console: Console) -> Recipe:
+    """The recipe with ``model.dtype = "auto"`` replaced by the target's choice, which the manifest keeps."""
+    if recipe.model.dtype != AUTO_DTYPE:
+        return recipe
+    dtype, why = backend_for(recipe.target.kind).resolve_dtype()
+    console.print(f"precision: {dtype} ({why})")
+    return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, dtype=dtype))
+
+
 def compile_recipe(recipe: Recipe, out_dir: Path | None = None, console: Console | None = None) -> CompileResult:
     started = time.perf_counter()
     console = console or Console(stderr=True)
+    recipe = resolve_precision(recipe, console)
     out_dir = Path(out_dir or default_out_dir(recipe))
     cache = CompileCache(cache_dir())
     source_path = resolve_source(recipe.model.source)
@@ -111,4 +124,14 @@ def summary_table(result: CompileResult) -> Table:
         table.add_row(g.name, f"{g.compile_seconds:.1f}", f"{g.size_bytes / 1e6:.1f}", "hit" if g.cache_hit else "miss")
     weights = sum(result.manifest.files[w]["size"] for w in result.manifest.weights)
     table.add_row("weights", "", f"{weights / 1e6:.1f}", "")
+    table.add_row("KV cache (allocated at load)", "", f"{kv_cache_bytes(result.manifest) / 1e6:.1f}", "")
     return table
+
+
+def kv_cache_bytes(manifest: ArtifactManifest) -> int:
+    """The KV cache of every rank together: batch_size x max_seq_len positions of every layer's KV heads."""
+    recipe, config = manifest.recipe, manifest.model_config
+    tp = recipe.target.tp_degree
+    heads = TensorParallel(tp, 0).local_kv_heads(config.num_key_value_heads) * tp
+    shapes = recipe.shapes
+    return KVCache.nbytes(config, shapes.batch_size, shapes.max_seq_len, heads, recipe.model.torch_dtype)

@@ -1,25 +1,44 @@
 """The engine: one thread per model replica that loops schedule, run, sample, emit.
 
 The scheduler (``scheduler.py``) decides what each step runs, the runner (a forward process, or any
-`backends.base.Runner`) runs it, the sampler picks the tokens, and each `Sequence` streams its text.
-The engine itself only keeps time: metrics and each request's timestamps.
+`backends.base.Runner`) runs it as one graph call, the sampler picks the tokens of the decoding
+requests and of the prompts the step finished, and each `Sequence` streams its text. The engine
+itself only keeps time: metrics, each request's timestamps and a record of its last steps.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
 
 from neuron_serve.backends.base import Forward, Runner
 from neuron_serve.engine.metrics import Metrics
 from neuron_serve.engine.sampler import sample_tokens
-from neuron_serve.engine.scheduler import DecodeBatch, Scheduler
+from neuron_serve.engine.scheduler import Scheduler, StepPlan
 from neuron_serve.engine.sequence import Sequence
 
 log = logging.getLogger("neuron_serve.engine")
+STEP_RECORDS = 4096  # the last steps, for tests and debugging
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What one engine step ran: which requests decoded, which prompt chunks went in, how long it took."""
+
+    decoded: tuple[str, ...]  # request ids
+    chunks: tuple[tuple[str, int, int], ...]  # (request id, start, tokens)
+    seconds: float
+
+    @classmethod
+    def of(cls, plan: StepPlan, seconds: float) -> StepRecord:
+        chunks = zip(plan.prompting, plan.batch.chunks, strict=True)
+        decoded = tuple(s.request_id for s in plan.decoding)
+        return cls(decoded, tuple((s.request_id, c.start, len(c.tokens)) for s, c in chunks), seconds)
 
 
 class Engine:
@@ -28,7 +47,8 @@ class Engine:
         self.runner = runner
         self.metrics = metrics
         self.fused_sampling = "sampling" in kernels
-        self.scheduler = Scheduler(runner.graphs.batch_size, max_waiting)
+        self.scheduler = Scheduler(runner.graphs, max_waiting)
+        self.steps: collections.deque[StepRecord] = collections.deque(maxlen=STEP_RECORDS)
         self.condition = threading.Condition()
         self.stopped = False
         self.thread = threading.Thread(target=self._loop, name="neuron-serve-engine", daemon=True)
@@ -58,21 +78,16 @@ class Engine:
                     self.condition.wait(timeout=1.0)
                 if self.stopped:
                     return
-                admitted, cancelled = self.scheduler.admit()
+                plan = self.scheduler.schedule()
                 self._count_slots()
-            scheduled_at = time.perf_counter()
             try:
-                for seq in cancelled:
+                for seq in plan.cancelled:
                     seq.finish("cancelled")
-                for seq in admitted:
-                    seq.scheduled_at = scheduled_at
-                    self._prefill(seq)
+                if plan.batch.decode_slots or plan.batch.chunks:
+                    self._step(plan)
                 for seq in self.scheduler.take_cancelled():
                     seq.finish("cancelled")
                     self._finished(seq)
-                batch = self.scheduler.decode_batch()
-                if batch:
-                    self._decode(batch)
             except Exception as error:  # a failed forward must not take the replica down
                 log.exception("engine step failed")
                 self._fail_all(f"internal error in the engine: {error}")
@@ -81,24 +96,35 @@ class Engine:
         self.metrics.waiting.set(len(self.scheduler.waiting))
         self.metrics.running.set(self.scheduler.busy)
 
-    def _prefill(self, seq: Sequence) -> None:
-        self.metrics.queue_time.observe(seq.scheduled_at - seq.arrival)
+    def _step(self, plan: StepPlan) -> None:
+        batch = plan.batch
         started = time.perf_counter()
-        forward = self.runner.prefill(seq.prompt_ids, seq.slot)
+        for seq, chunk in zip(plan.prompting, batch.chunks, strict=True):
+            if chunk.start == 0:
+                seq.scheduled_at = started
+                self.metrics.queue_time.observe(started - seq.arrival)
+        forward = self.runner.step(batch)
         elapsed = self._ran(forward, started)
-        self.metrics.prefill_time.observe(elapsed)
-        self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
-        self._append(seq, sample_tokens([seq], forward.logits.unsqueeze(0), self.fused_sampling)[0])
+        self.metrics.step(len(batch.decode_slots), batch.prompt_tokens, elapsed)
+        self.metrics.occupancy.observe(len(batch.decode_slots) / len(self.scheduler.slots))
+        self.steps.append(StepRecord.of(plan, elapsed))
+        self._sample(plan, forward.logits)
 
-    def _decode(self, batch: DecodeBatch) -> None:
-        active = batch.sequences
-        started = time.perf_counter()
-        forward = self.runner.decode(batch.tokens, batch.positions, active=len(active))
-        self._ran(forward, started)
-        self.metrics.occupancy.observe(len(active) / len(self.scheduler.slots))
-        logits: torch.Tensor = forward.logits[[seq.slot for seq in active]]
-        for seq, token in zip(active, sample_tokens(active, logits, self.fused_sampling), strict=True):
-            self._append(seq, token)
+    def _sample(self, plan: StepPlan, logits: torch.Tensor) -> None:
+        """A token for each decoding request and each request whose prompt the step finished."""
+        sampled = [*plan.decoding]
+        rows = list(range(len(plan.decoding)))
+        for i, seq in enumerate(plan.prompting):
+            if plan.finishes_prompt(i):
+                self.scheduler.prompt_done(seq)
+                self.metrics.prefill_time.observe(time.perf_counter() - seq.scheduled_at)
+                self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
+                sampled.append(seq)
+                rows.append(len(plan.decoding) + i)
+        if sampled:
+            tokens = sample_tokens(sampled, logits[rows], self.fused_sampling)
+            for seq, token in zip(sampled, tokens, strict=True):
+                self._append(seq, token)
 
     def _ran(self, forward: Forward, started: float) -> float:
         elapsed = time.perf_counter() - started

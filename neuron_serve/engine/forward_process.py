@@ -23,6 +23,7 @@ from neuron_serve.artifact.graphs import GraphSet, GraphUse
 from neuron_serve.backends.base import Forward, LoadTimes, Runner
 from neuron_serve.backends.registry import backend_for, open_runner
 from neuron_serve.backends.rpc import serve_calls, transferable
+from neuron_serve.model.step import StepBatch
 
 
 class ForwardProcessError(RuntimeError):
@@ -61,13 +62,9 @@ class ForwardProcess:
         self._logits = ready["logits"]
         self.graphs = ready["graphs"]
 
-    def prefill(self, prompt: list[int], slot: int) -> Forward:
-        uses = self._call("prefill", prompt, slot)
-        return Forward(self._logits["prefill"].clone(), uses)
-
-    def decode(self, tokens: list[int], positions: list[int], active: int) -> Forward:
-        uses = self._call("decode", tokens, positions, active)
-        return Forward(self._logits["decode"].clone(), uses)
+    def step(self, batch: StepBatch) -> Forward:
+        rows, uses = self._call("step", batch)
+        return Forward(self._logits[:rows].clone(), uses)
 
     def close(self) -> None:
         if self._process.is_alive():
@@ -107,18 +104,14 @@ class _SharedLogits:
     """The child's side of the calls: runs them and writes the logits into the shared buffers, so
     that only the graph uses go back through the pipe."""
 
-    def __init__(self, runner: Runner, logits: dict[str, torch.Tensor]):
+    def __init__(self, runner: Runner, logits: torch.Tensor):
         self.runner, self.logits = runner, logits
 
-    def prefill(self, prompt: list[int], slot: int) -> list[GraphUse]:
-        return self._shared("prefill", self.runner.prefill(prompt, slot))
-
-    def decode(self, tokens: list[int], positions: list[int], active: int) -> list[GraphUse]:
-        return self._shared("decode", self.runner.decode(tokens, positions, active))
-
-    def _shared(self, kind: str, forward: Forward) -> list[GraphUse]:
-        self.logits[kind].copy_(forward.logits)
-        return forward.uses
+    def step(self, batch: StepBatch) -> tuple[int, list[GraphUse]]:
+        forward = self.runner.step(batch)
+        rows = forward.logits.shape[0]
+        self.logits[:rows].copy_(forward.logits)
+        return rows, forward.uses
 
 
 def _serve(directory: str, connection) -> None:
@@ -154,8 +147,6 @@ def _load(directory: Path) -> tuple[Runner, dict]:
     backend_for(manifest.recipe.target.kind).warm_up(runner)
     times.measure("warm_up", started)
     vocab, dtype = manifest.model_config.vocab_size, manifest.recipe.model.torch_dtype
-    logits = {
-        "prefill": torch.empty(vocab, dtype=dtype).share_memory_(),
-        "decode": torch.empty(runner.graphs.batch_size, vocab, dtype=dtype).share_memory_(),
-    }
+    rows = runner.graphs.batch_size + runner.graphs.max_prompts  # a step's most logit rows
+    logits = torch.empty(rows, vocab, dtype=dtype).share_memory_()
     return runner, {"phases": times.phases, "logits": logits, "graphs": runner.graphs}

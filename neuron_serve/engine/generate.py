@@ -38,7 +38,7 @@ def generate(
 ) -> Iterator[str]:
     """Yields text pieces as they are made, by the same engine a server replica runs."""
     stats = stats or GenerationStats()
-    runner.graphs.prompt_pieces(prompt_ids)  # a clear ValueError for a prompt out of range
+    runner.graphs.check_prompt(prompt_ids)  # a clear ValueError for a prompt out of range
     # A registry of its own: this engine's metrics are for no one, and must not clash with a server's.
     engine = Engine(runner, Metrics("generate", CollectorRegistry()), max_waiting=1).start()
     seq = Sequence(prompt_ids, params, tokenizer, eos_ids)

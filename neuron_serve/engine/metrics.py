@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
 OCCUPANCY_BUCKETS = tuple(i / 16 for i in range(1, 17))
+TOKEN_BUCKETS = tuple(2**i for i in range(13))
 P = "neuron_serve:"
 
 
@@ -32,6 +33,14 @@ class Metrics:
         self.prefill_time = hist("request_prefill_time_seconds", "Time of a request's prefill")
         self.decode_time = hist("request_decode_time_seconds", "Time from a request's first token to its last")
         self.occupancy = hist("batch_occupancy", "Busy slots / slots, per decode step", OCCUPANCY_BUCKETS)
+        self.step_time = hist("engine_step_seconds", "Time of one engine step (one graph call)")
+        self.step_tokens = hist("engine_step_tokens", "Tokens per engine step, decode and prompt", TOKEN_BUCKETS)
+        self.step_prompt_tokens = hist("engine_step_prompt_tokens", "Prompt tokens per engine step", TOKEN_BUCKETS)
+        self.step_seconds = Counter(
+            P + "engine_step_seconds_by_part",
+            "Engine step time split between decode and prompt tokens, in proportion to their count",
+            **{**kw, "labelnames": ["model_name", "part"]},
+        )
         self.running = Gauge(P + "num_requests_running", "Requests in slots", multiprocess_mode="livesum", **kw)
         self.waiting = Gauge(P + "num_requests_waiting", "Requests queued", multiprocess_mode="livesum", **kw)
         self.prompt_tokens = Counter(P + "prompt_tokens", "Prefilled prompt tokens", **kw).labels(model_name)
@@ -70,6 +79,16 @@ class Metrics:
         total_real, total_padded = total_real + real, total_padded + padded
         self._padding_totals[bucket] = (total_real, total_padded)
         self.padding_ratio.labels(self.model_name, bucket).set(1 - total_real / total_padded if total_padded else 0)
+
+    def step(self, decode_tokens: int, prompt_tokens: int, seconds: float) -> None:
+        """One engine step. Decode and prompt tokens go through the layers together, so the time is
+        split between them by their share of the step's tokens."""
+        total = decode_tokens + prompt_tokens
+        self.step_time.observe(seconds)
+        self.step_tokens.observe(total)
+        self.step_prompt_tokens.observe(prompt_tokens)
+        for part, count in (("decode", decode_tokens), ("prompt", prompt_tokens)):
+            self.step_seconds.labels(self.model_name, part).inc(seconds * count / total if total else 0.0)
 
     def forward_time(self, seconds: float) -> None:
         """Accumulate forward-pass time; publish busy/wall over windows of at least 2 s."""

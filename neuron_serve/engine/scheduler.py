@@ -1,17 +1,27 @@
 """Which requests run: the waiting queue, the slots, and what each engine step does with them.
 
 Pure policy, as nano-vllm's scheduler: no threads, no clocks, no metrics, no model. The engine asks
-it what to run and tells it what finished. Today's policy is continuous batching over the compiled
-slots: waiting requests take free slots in arrival order (one prefill each), then every busy slot
-decodes one token; a finished or cancelled request frees its slot at once.
+it for a step and tells it what finished. The policy is Sarathi-Serve's stall-free batching over the
+compiled slots and the graph set's token budget (``artifact/graphs.py``):
+
+1. every request whose prompt is in the cache decodes one token;
+2. the rest of the budget goes to prompts, in arrival order: first the one prompt cut short by the
+   last step, then waiting requests, each taking the lowest free slot, whole if it fits and cut
+   otherwise. So a long prompt is spread over steps and no running stream ever waits more than one
+   step for its next token, and only the last prompt of a step is ever cut.
+
+The lowest free slot keeps busy slots low, so a step's decode rows (up to its highest decoding slot)
+stay near the number of streams without moving any cache row.
 """
 
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from neuron_serve.artifact.graphs import GraphSet
 from neuron_serve.engine.sequence import Sequence
+from neuron_serve.model.step import PromptChunk, StepBatch
 
 
 class QueueFullError(RuntimeError):
@@ -19,18 +29,26 @@ class QueueFullError(RuntimeError):
 
 
 @dataclass
-class DecodeBatch:
-    """One decode step over every slot: the busy ones carry their last token at its position."""
+class StepPlan:
+    """One step: the batch for the runner, and whose tokens each of its logit rows is."""
 
-    sequences: list[Sequence]  # the busy slots' requests, in slot order
-    tokens: list[int]  # per slot; idle slots: 0
-    positions: list[int]  # per slot; idle slots: 0
+    batch: StepBatch
+    decoding: list[Sequence]  # aligned with batch.decode_slots
+    prompting: list[Sequence]  # aligned with batch.chunks
+    cancelled: list[Sequence] = field(default_factory=list)  # dropped from the queue before a slot
+
+    def finishes_prompt(self, index: int) -> bool:
+        """Whether the step's `index`-th chunk is the end of its prompt (its logits give a token)."""
+        seq, chunk = self.prompting[index], self.batch.chunks[index]
+        return chunk.start + len(chunk.tokens) == len(seq.prompt_ids)
 
 
 class Scheduler:
-    def __init__(self, slots: int, max_waiting: int):
-        self.slots: list[Sequence | None] = [None] * slots
+    def __init__(self, graphs: GraphSet, max_waiting: int):
+        self.graphs = graphs
+        self.slots: list[Sequence | None] = [None] * graphs.batch_size
         self.waiting: collections.deque[Sequence] = collections.deque()
+        self.prefilling: list[Sequence] = []  # in slots, prompt not all in the cache; arrival order
         self.max_waiting = max_waiting
 
     @property
@@ -45,20 +63,44 @@ class Scheduler:
             raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests)")
         self.waiting.append(seq)
 
-    def admit(self) -> tuple[list[Sequence], list[Sequence]]:
-        """(admitted, cancelled): waiting requests placed in free slots, in arrival order, and those
-        cancelled while they waited (dropped)."""
-        admitted, cancelled = [], []
-        free = [i for i, s in enumerate(self.slots) if s is None]
-        while free and self.waiting:
+    def schedule(self) -> StepPlan:
+        """The next step; its batch is empty when nothing can run."""
+        decoding = [s for s in self.slots if s is not None and s not in self.prefilling]
+        batch = StepBatch(
+            [s.slot for s in decoding], [s.output_ids[-1] for s in decoding], [s.position for s in decoding]
+        )
+        plan = StepPlan(batch, decoding, [])
+        budget = self.graphs.prompt_budget(len(decoding))
+        started = list(self.prefilling)
+        while budget > 0 and len(plan.prompting) < self.graphs.max_prompts:
+            seq = started.pop(0) if started else self._admit(plan)
+            if seq is None:
+                break
+            start = seq.prompt_computed
+            tokens = seq.prompt_ids[start : start + budget]
+            seq.prompt_computed += len(tokens)
+            batch.chunks.append(PromptChunk(seq.slot, start, tokens))
+            plan.prompting.append(seq)
+            budget -= len(tokens)
+        return plan
+
+    def _admit(self, plan: StepPlan) -> Sequence | None:
+        """The first waiting request that is still wanted, placed in the lowest free slot; None when
+        no slot is free or nothing waits. Requests cancelled while they waited go to `plan.cancelled`."""
+        while self.waiting and None in self.slots:
             seq = self.waiting.popleft()
             if seq.cancelled.is_set():
-                cancelled.append(seq)
+                plan.cancelled.append(seq)
                 continue
-            seq.slot = free.pop(0)
+            seq.slot = self.slots.index(None)
             self.slots[seq.slot] = seq
-            admitted.append(seq)
-        return admitted, cancelled
+            self.prefilling.append(seq)
+            return seq
+        return None
+
+    def prompt_done(self, seq: Sequence) -> None:
+        """`seq`'s prompt is all in the cache: it decodes from the next step on."""
+        self.prefilling.remove(seq)
 
     def take_cancelled(self) -> list[Sequence]:
         """Running requests whose client left; their slots are free from now on."""
@@ -70,13 +112,7 @@ class Scheduler:
     def running(self) -> list[Sequence]:
         return [s for s in self.slots if s is not None]
 
-    def decode_batch(self) -> DecodeBatch | None:
-        sequences = self.running()
-        if not sequences:
-            return None
-        tokens = [s.output_ids[-1] if s else 0 for s in self.slots]
-        positions = [s.position if s else 0 for s in self.slots]
-        return DecodeBatch(sequences, tokens, positions)
-
     def release(self, seq: Sequence) -> None:
         self.slots[seq.slot] = None
+        if seq in self.prefilling:
+            self.prefilling.remove(seq)

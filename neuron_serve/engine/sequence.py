@@ -71,6 +71,7 @@ class Sequence:
     arrival: float = field(default_factory=time.perf_counter)
     output_ids: list[int] = field(default_factory=list)
     slot: int | None = None
+    prompt_computed: int = 0  # prompt tokens in the KV cache or in the step being run
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     scheduled_at: float | None = None

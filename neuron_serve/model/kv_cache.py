@@ -9,6 +9,7 @@ and return the keys and values they made; the runner stores them with `store_pro
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,11 @@ class KVCache:
         """The cache of one tensor-parallel rank: its own KV heads only."""
         return cls.allocate(config, slots, max_seq_len, tp.local_kv_heads(config.num_key_value_heads), dtype)
 
+    @classmethod
+    def nbytes(cls, config: ModelConfig, slots: int, max_seq_len: int, kv_heads: int, dtype: torch.dtype) -> int:
+        """Keys and values together."""
+        return 2 * math.prod(cls.shape(config, slots, max_seq_len, kv_heads)) * dtype.itemsize
+
     def row(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One slot's keys and values, [layers, kv_heads, max_seq_len, head_dim] each (views)."""
         return self.keys[:, slot], self.values[:, slot]
@@ -50,9 +56,12 @@ class KVCache:
         self.keys[:, slot, :, start : start + count] = keys[:, 0, :count].transpose(1, 2)
         self.values[:, slot, :, start : start + count] = values[:, 0, :count].transpose(1, 2)
 
+    def store(self, slots: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store a step's kept keys/values ([layers, N, kv_heads, hd]), the n-th at (slots[n], positions[n])."""
+        # Advanced indices split by a slice put their dimension first: the target is [N, layers, kv, hd].
+        self.keys[:, slots, :, positions] = keys.transpose(0, 1)
+        self.values[:, slots, :, positions] = values.transpose(0, 1)
+
     def store_decode(self, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store one decode step's keys/values ([layers, S, 1, kv_heads, hd]), each slot at its position."""
-        slots = torch.arange(positions.shape[0])
-        # Advanced indices split by a slice put their dimension first: the target is [S, layers, kv, hd].
-        self.keys[:, slots, :, positions] = keys[:, :, 0].transpose(0, 1)
-        self.values[:, slots, :, positions] = values[:, :, 0].transpose(0, 1)
+        self.store(torch.arange(positions.shape[0]), positions, keys[:, :, 0], values[:, :, 0])

@@ -87,6 +87,11 @@ class Attention(nn.Module):
         )
         return q.view(b, t, self.n_heads, hd), k.view(b, t, self.n_kv_heads, hd), v.view(b, t, self.n_kv_heads, hd)
 
+    def output(self, attended: torch.Tensor) -> torch.Tensor:
+        """The attention's output projection of the heads' results ([B, T, heads*hd]), summed over ranks.
+        Separate from the attends below, so that a step's decode and prompt tokens share one o_proj."""
+        return self.tp.all_reduce(self.o_proj(attended))
+
     def attend_prompt(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor):
         """q [1, T, heads, hd]; keys/values [1, kv_heads, Lk, hd]; mask from `prompt_mask`. The
         query heads that share a KV head are folded into the query length, so GQA never copies the
@@ -95,8 +100,7 @@ class Attention(nn.Module):
         group = self.n_heads // self.n_kv_heads
         q = q.view(b, t, self.n_kv_heads, group, hd).permute(0, 2, 3, 1, 4).reshape(b, self.n_kv_heads, group * t, hd)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        out = out.view(b, self.n_kv_heads, group, t, hd).permute(0, 3, 1, 2, 4).reshape(b, t, -1)
-        return self.tp.all_reduce(self.o_proj(out))
+        return out.view(b, self.n_kv_heads, group, t, hd).permute(0, 3, 1, 2, 4).reshape(b, t, -1)
 
     def attend_causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """`attend_prompt` for a prompt from position 0 with the prefill_attention kernel: q [1, T,
@@ -104,7 +108,7 @@ class Attention(nn.Module):
         _, t, _, hd = q.shape
         q, k, v = (x[0].transpose(0, 1) for x in (q, k, v))  # heads first: [heads, T, hd]
         out = nki_kernels.prefill_attention(q, k, v, 0, hd**-0.5)
-        return self.tp.all_reduce(self.o_proj(out.transpose(0, 1).reshape(1, t, -1)))
+        return out.transpose(0, 1).reshape(1, t, -1)
 
     def attend_decode(self, q, k, v, k_cache: torch.Tensor, v_cache: torch.Tensor, bias: torch.Tensor):
         """One query per slot. q [S, 1, heads, hd]; k/v [S, 1, kv_heads, hd] (this step's, not yet
@@ -118,7 +122,7 @@ class Attention(nn.Module):
         probs = torch.softmax(torch.cat([cached, own], dim=-1).float(), dim=-1).to(q.dtype)
         lk = k_cache.shape[2]
         out = torch.matmul(probs[..., :lk], v_cache) + probs[..., lk:] * v.view(s, self.n_kv_heads, 1, hd)
-        return self.tp.all_reduce(self.o_proj(out.reshape(s, 1, -1)))
+        return out.reshape(s, 1, -1)
 
     def attend_decode_fused(self, q, k, v, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor):
         """`attend_decode` with the decode_attention kernel: it attends each slot's cached keys
@@ -134,7 +138,7 @@ class Attention(nn.Module):
         weight = torch.sigmoid(own.reshape(s, -1) - lse).unsqueeze(-1)  # [S, heads, 1]
         own_value = v.view(s, self.n_kv_heads, 1, hd).expand(-1, -1, q.shape[2], -1).reshape(s, -1, hd)
         out = torch.lerp(cached.float(), own_value.float(), weight).to(v.dtype)
-        return self.tp.all_reduce(self.o_proj(out.reshape(s, 1, -1)))
+        return out.reshape(s, 1, -1)
 
 
 def prompt_mask(visible: torch.Tensor, group: int) -> torch.Tensor:
@@ -221,7 +225,8 @@ class LlamaModel(nn.Module):
         return KVCache.for_rank(self.config, self.tp, slots, self.max_seq_len, self.embed_tokens.weight.dtype)
 
     def _run_layers(self, x: torch.Tensor, positions: torch.Tensor, attend):
-        """The shared body. `attend(i, attention, q, k, v)` returns layer i's attention output.
+        """The shared body. `attend(i, attention, q, k, v)` returns layer i's attended heads
+        ([B, T, heads*hd], before the output projection).
         Returns the final hidden states and this call's keys and values, stacked over layers
         ([layers, B, T, kv_heads, hd]), for the caller to store in the cache."""
         cos = self.rope_cos[positions].to(x.dtype)
@@ -235,7 +240,7 @@ class LlamaModel(nn.Module):
             q, k, v = layer.self_attn.project(normed, cos, sin)
             new_keys.append(k)
             new_values.append(v)
-            out = attend(i, layer.self_attn, q, k, v)
+            out = layer.self_attn.output(attend(i, layer.self_attn, q, k, v))
             normed, residual = layer.post_attention_layernorm.add_and_norm(out, residual)
             out = layer.mlp(normed)
         hidden, _ = self.norm.add_and_norm(out, residual)
@@ -303,3 +308,39 @@ class LlamaModel(nn.Module):
 
         hidden, keys, values = self._run_layers(self.embed_tokens(tokens).unsqueeze(1), positions.unsqueeze(1), attend)
         return self.lm_head(hidden[:, 0]), keys, values
+
+    def step(
+        self, decode_tokens, decode_positions, tokens, positions, cached_slot, visible, last_index, k_cache, v_cache
+    ):
+        """One engine step (``step.py``): S decode rows (slots 0..S-1) and P packed prompt tokens in
+        one pass, so each weight is read once. Decode rows attend their own slot's first L cache
+        positions and their own key; prompt tokens attend what `visible` [P, L + P] shows of the row
+        `cached_slot` and of the step's prompt tokens. Returns (logits [S + R, vocab] for the decode
+        rows then the prompt tokens at `last_index`, keys, values [layers, 1, S + P, kv_heads, hd])."""
+        s, p = decode_tokens.shape[0], tokens.shape[0]
+        kv_len = visible.shape[1] - p
+        mask = prompt_mask(visible, self.group)
+        bias = None if "decode_attention" in self.kernels else decode_bias(decode_positions, kv_len, self.dtype)
+
+        def attend(i, attention, q, k, v):
+            decode_q, decode_k, decode_v = (x[0, :s].unsqueeze(1) for x in (q, k, v))
+            cache = k_cache[i, :s, :, :kv_len], v_cache[i, :s, :, :kv_len]
+            if bias is None:
+                decoded = attention.attend_decode_fused(decode_q, decode_k, decode_v, *cache, decode_positions)
+            else:
+                decoded = attention.attend_decode(decode_q, decode_k, decode_v, *cache, bias)
+            row_k = k_cache[i, :, :, :kv_len].index_select(0, cached_slot)
+            row_v = v_cache[i, :, :, :kv_len].index_select(0, cached_slot)
+            keys = torch.cat([row_k, k[:, s:].transpose(1, 2)], dim=2)
+            values = torch.cat([row_v, v[:, s:].transpose(1, 2)], dim=2)
+            prompted = attention.attend_prompt(q[:, s:], keys, values, mask)
+            return torch.cat([decoded.view(1, s, -1), prompted], dim=1)
+
+        x = self.embed_tokens(torch.cat([decode_tokens, tokens])).unsqueeze(0)
+        hidden, keys, values = self._run_layers(x, torch.cat([decode_positions, positions]).unsqueeze(0), attend)
+        rows = torch.cat([torch.arange(s, device=tokens.device), s + last_index])
+        return self.lm_head(hidden[0].index_select(0, rows)), keys, values
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 
 # Each name is the torch dtype of that name (`torch_dtype`).
 DTYPES = ("float32", "bfloat16", "float16")
+# `compile` replaces it with the target's best dtype (`Backend.resolve_dtype`); artifacts never hold it.
+AUTO_DTYPE = "auto"
 CPU_MODES = ("aot", "eager")
 # Values accepted by neuronx-cc (Neuron Compiler CLI reference: --model-type, --auto-cast,
 # --auto-cast-type, --optlevel).
@@ -47,6 +49,8 @@ def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype a name of DTYPES means."""
     import torch  # on use: a recipe loads without torch
 
+    if name not in DTYPES:
+        raise ValueError(f"model.dtype {name!r} names no dtype yet: `compile` resolves {AUTO_DTYPE!r} per machine")
     return getattr(torch, name)
 
 
@@ -73,6 +77,8 @@ class ShapesSection:
     max_seq_len: int = 2048
     context_buckets: list[int] = field(default_factory=lambda: [128, 512])
     token_buckets: list[int] = field(default_factory=lambda: [512, 1024, 2048])
+    batch_buckets: list[int] = field(default_factory=list)  # [] = powers of two up to batch_size
+    token_budget: int = 0  # tokens per engine step; 0 = batch_size + the largest context bucket
 
 
 @dataclass

@@ -9,6 +9,7 @@ from neuron_serve.recipe.instances import ALLOWED_TP_DEGREES, INSTANCES
 from neuron_serve.recipe.schema import (
     AUTO_CAST_TYPES,
     AUTO_CASTS,
+    AUTO_DTYPE,
     CPU_MODES,
     DTYPES,
     MODEL_TYPES,
@@ -55,7 +56,7 @@ def _check_buckets(errors: list[str], name: str, buckets: list[int], max_seq_len
 
 
 def _check_model(errors: list[str], r: Recipe) -> None:
-    _one_of(errors, "model.dtype", r.model.dtype, DTYPES)
+    _one_of(errors, "model.dtype", r.model.dtype, (*DTYPES, AUTO_DTYPE))
     src = r.model.source
     if not src:
         errors.append("model.source: must not be empty (a local HF dir, a .gguf file, 'default', or s3://)")
@@ -78,6 +79,19 @@ def _check_shapes(errors: list[str], s: ShapesSection) -> None:
         errors.append(
             f"shapes.token_buckets: the largest bucket must equal shapes.max_seq_len ({s.max_seq_len}) "
             f"so that every sequence has a decode graph, got {s.token_buckets}"
+        )
+    if s.batch_buckets:
+        _check_buckets(errors, "shapes.batch_buckets", s.batch_buckets, s.batch_size)
+        if max(s.batch_buckets) != s.batch_size:
+            errors.append(
+                f"shapes.batch_buckets: the largest bucket must equal shapes.batch_size ({s.batch_size}) "
+                f"so that every slot can decode, got {s.batch_buckets}"
+            )
+    if s.token_budget and s.context_buckets and s.token_budget < s.batch_size + min(s.context_buckets):
+        errors.append(
+            f"shapes.token_budget: must be 0 (automatic) or at least shapes.batch_size + the smallest context "
+            f"bucket ({s.batch_size + min(s.context_buckets)}), so that prompts still get tokens while every "
+            f"slot decodes, got {s.token_budget}"
         )
 
 

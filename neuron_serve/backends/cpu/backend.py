@@ -12,6 +12,7 @@ from neuron_serve.artifact.manifest import ArtifactManifest, GraphRecord
 from neuron_serve.backends.base import Backend, CompileJob, LoadTimes, Runner
 from neuron_serve.backends.bucketed import warm_up
 from neuron_serve.backends.cpu.compile import compile_cpu_graphs
+from neuron_serve.backends.cpu.precision import cpu_dtype, cpu_flags
 from neuron_serve.backends.cpu.runners import open_rank_runner
 from neuron_serve.backends.cpu.tp import TensorParallelRunner
 from neuron_serve.recipe.schema import Recipe
@@ -19,6 +20,9 @@ from neuron_serve.recipe.schema import Recipe
 
 class CpuBackend(Backend):
     kind = "cpu"
+
+    def resolve_dtype(self) -> tuple[str, str]:
+        return cpu_dtype(cpu_flags())
 
     def compile_graphs(self, job: CompileJob) -> list[GraphRecord]:
         return compile_cpu_graphs(job)

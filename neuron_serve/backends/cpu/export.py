@@ -1,7 +1,14 @@
-"""One graph of the set (``artifact/graphs.py``), exported with torch.export and compiled with AOTInductor.
+"""The step graph (``model/step.py``), exported with torch.export and compiled with AOTInductor.
 
-Graphs are compiled without their weights (`package_constants_in_so=False`): the runner hands every
-graph the same tensors at load time, so an artifact holds one copy of the weights for all buckets.
+One graph serves every step shape of the graph set: its decode rows, prompt tokens, prompts and KV
+length are dynamic dimensions bounded by the set's largest shape, and the runner only ever calls it
+at the set's bucket shapes, as a static-shape backend would run them. On the CPU one graph of
+dynamic shape costs no speed: the matmuls are oneDNN/MKL calls sized at run time either way, and
+Inductor's generated loops take their bounds as arguments. A graph per bucket shape would only
+multiply compile time (about 100 s per graph for the default model on 2 cores).
+
+The graph is compiled without its weights (`package_constants_in_so=False`): the runner hands it the
+rank's tensors at load time, so an artifact holds one copy of the weights.
 """
 
 from __future__ import annotations
@@ -12,59 +19,53 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.export import Dim
 
-from neuron_serve.artifact.graphs import PREFILL, PREFILL_CHUNK, GraphSpec
+from neuron_serve.artifact.graphs import GraphSet
 from neuron_serve.model.llama import LlamaModel
+from neuron_serve.model.step import PromptChunk, StepBatch, StepShape, step_tensors
 
 AOTI_CONFIG = {"aot_inductor.package_constants_in_so": False}
 
 
-class _Prefill(nn.Module):
+class _Step(nn.Module):
     def __init__(self, model: LlamaModel):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens, last_index):
-        return self.model.prefill(tokens, last_index)
+    def forward(self, decode_tokens, decode_positions, tokens, positions, cached_slot, visible, last, k_cache, v_cache):
+        return self.model.step(
+            decode_tokens, decode_positions, tokens, positions, cached_slot, visible, last, k_cache, v_cache
+        )
 
 
-class _PrefillChunk(_Prefill):
-    def forward(self, tokens, start, last_index, k_row, v_row):
-        return self.model.prefill_chunk(tokens, start, last_index, k_row, v_row)
+def _dim(name: str, largest: int, smallest: int = 1) -> Dim | None:
+    return Dim(name, min=smallest, max=largest) if largest > smallest else None
 
 
-class _Decode(_Prefill):
-    def __init__(self, model: LlamaModel, kv_len: int):
-        super().__init__(model)
-        self.kv_len = kv_len
-
-    def forward(self, tokens, positions, k_cache, v_cache):
-        return self.model.decode(tokens, positions, k_cache, v_cache, self.kv_len)
-
-
-def graph_module(model: LlamaModel, spec: GraphSpec, batch_size: int) -> tuple[nn.Module, tuple]:
-    """The module to export for `spec` and example inputs of the exact shapes it will be called with."""
-
-    # Every example input is its own tensor: export treats one tensor passed twice as an alias.
-    def index() -> torch.Tensor:
-        return torch.tensor([0])
-
-    if spec.kind == PREFILL:
-        return _Prefill(model), (torch.zeros(1, spec.bucket, dtype=torch.long), index())
-    cache = model.new_kv_cache(batch_size)
-    if spec.kind == PREFILL_CHUNK:
-        tokens = torch.zeros(1, spec.bucket, dtype=torch.long)
-        return _PrefillChunk(model), (tokens, index(), index(), *cache.row(0))
-    tokens = torch.zeros(batch_size, dtype=torch.long)
-    return _Decode(model, spec.bucket), (tokens, tokens.clone(), cache.keys, cache.values)
+def step_example(model: LlamaModel, graphs: GraphSet) -> tuple[tuple, tuple]:
+    """Example inputs of a shape inside every bound (export specializes a dimension seen as 1),
+    and the dynamic dimensions of each input."""
+    bounds = graphs.step_bounds()
+    shape = StepShape(
+        min(2, bounds.decode_rows), min(2, bounds.prompt_tokens), min(2, bounds.prompts), graphs.token_buckets[0]
+    )
+    chunks = [PromptChunk(shape.decode_rows - 1, 0, [1] * shape.prompt_tokens)]
+    inputs = step_tensors(StepBatch([0], [1], [1], chunks), shape)
+    cache = model.new_kv_cache(graphs.batch_size)
+    rows, tokens = _dim("decode_rows", bounds.decode_rows), _dim("prompt_tokens", bounds.prompt_tokens)
+    keys = Dim("keys", min=graphs.token_buckets[0] + 1, max=bounds.kv_len + bounds.prompt_tokens)
+    prompts = _dim("prompts", bounds.prompts)
+    dynamic = ({0: rows}, {0: rows}, {0: tokens}, {0: tokens}, None, {0: tokens, 1: keys}, {0: prompts}, None, None)
+    return (*inputs, cache.keys, cache.values), dynamic
 
 
-def compile_graph(model: LlamaModel, spec: GraphSpec, batch_size: int, package_path: Path) -> Path:
-    module, inputs = graph_module(model, spec, batch_size)
+def compile_step_graph(model: LlamaModel, graphs: GraphSet, package_path: Path) -> Path:
+    inputs, dynamic = step_example(model, graphs)
     with torch.no_grad(), _fake_process_group(model.tp.degree), warnings.catch_warnings():
         # torch 2.13's own pytree code warns about its own deprecated LeafSpec check while packaging.
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        exported = torch.export.export(module, inputs)
+        exported = torch.export.export(_Step(model), inputs, dynamic_shapes=dynamic)
         path = torch._inductor.aoti_compile_and_package(
             exported, package_path=str(package_path), inductor_configs=AOTI_CONFIG
         )

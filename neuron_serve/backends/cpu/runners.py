@@ -1,70 +1,95 @@
-"""Runners for one rank on the CPU: the AOTInductor graphs of an artifact, or the eager model."""
+"""Runners for one rank on the CPU: the AOTInductor step graph of an artifact, or the eager model."""
 
 from __future__ import annotations
 
+import os
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from neuron_serve.artifact.graphs import GraphSet, GraphSpec
+from neuron_serve.artifact.graphs import GraphSet
 from neuron_serve.artifact.manifest import ArtifactManifest
-from neuron_serve.backends.base import LoadTimes
-from neuron_serve.backends.bucketed import BucketedRunner, GraphOutput
+from neuron_serve.backends.base import Forward, LoadTimes
 from neuron_serve.backends.cpu.export import constants_map
+from neuron_serve.model.config import ModelConfig
 from neuron_serve.model.kv_cache import KVCache
 from neuron_serve.model.llama import LlamaModel
 from neuron_serve.model.parallel import TensorParallel
 from neuron_serve.model.state import loadable_state, model_from_state_dict
+from neuron_serve.model.step import StepBatch, logit_rows, step_kept, step_tensors
+
+GraphOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # logits, keys, values
 
 
-class EagerRunner(BucketedRunner):
+class StepRunner(ABC):
+    """Runs each engine step as one call of the step graph (``model/step.py``) at the graph set's
+    bucket shape, and keeps what is real of its keys and values in the KV cache."""
+
+    graphs: GraphSet
+    cache: KVCache
+
+    @abstractmethod
+    def run_step(self, inputs: tuple[torch.Tensor, ...]) -> GraphOutput:
+        """The step graph on `step_tensors`' inputs followed by the cache's keys and values."""
+
+    def step(self, batch: StepBatch) -> Forward:
+        shape, uses = self.graphs.step_shape(batch)
+        logits, keys, values = self.run_step((*step_tensors(batch, shape), self.cache.keys, self.cache.values))
+        rows, slots, positions = step_kept(batch, shape)
+        self.cache.store(slots, positions, keys[:, 0, rows], values[:, 0, rows])
+        return Forward(logits[logit_rows(batch, shape)], uses)
+
+    def close(self) -> None:  # noqa: B027 (a runner in one process has nothing to release)
+        """Nothing to release: the cache and the graphs go with the process."""
+
+
+class EagerRunner(StepRunner):
     """The PyTorch model called directly (no tracing)."""
 
     def __init__(self, model: LlamaModel, graphs: GraphSet):
         self.model = model
         self.graphs = graphs
-        self.cache = model.new_kv_cache(graphs.batch_size)
+        self.cache = allocate_cache(model.config, model.tp, graphs, model.dtype)
 
     @torch.inference_mode()
-    def run_prefill(self, spec: GraphSpec, tokens, last_index) -> GraphOutput:
-        return self.model.prefill(tokens, last_index)
-
-    @torch.inference_mode()
-    def run_prefill_chunk(self, spec: GraphSpec, tokens, start, last_index, slot: int) -> GraphOutput:
-        return self.model.prefill_chunk(tokens, start, last_index, *self.cache.row(slot))
-
-    @torch.inference_mode()
-    def run_decode(self, spec: GraphSpec, tokens, positions) -> GraphOutput:
-        return self.model.decode(tokens, positions, self.cache.keys, self.cache.values, spec.bucket)
+    def run_step(self, inputs: tuple[torch.Tensor, ...]) -> GraphOutput:
+        return self.model.step(*inputs)
 
 
-class AOTRunner(BucketedRunner):
-    """Calls the compiled graphs; every graph shares the one copy of this rank's weights."""
+class AOTRunner(StepRunner):
+    """Calls the compiled step graph, which holds no weights of its own: it is handed this rank's."""
 
     def __init__(self, directory: Path, manifest: ArtifactManifest, rank: int, times: LoadTimes):
         self.graphs = GraphSet.from_shapes(manifest.recipe.shapes)
         started = time.perf_counter()
         self.weights = rank_state(directory, manifest, rank)
-        self.packages = {}
-        for record in manifest.graphs:
-            package = torch._inductor.aoti_load_package(str(Path(directory) / record.file))
-            package.load_constants(constants_map(package, self.weights), check_full_update=True, user_managed=True)
-            self.packages[record.name] = package
+        (record,) = manifest.graphs
+        self.package = torch._inductor.aoti_load_package(str(Path(directory) / record.file))
+        self.package.load_constants(
+            constants_map(self.package, self.weights), check_full_update=True, user_managed=True
+        )
         times.measure("load_graphs", started)
         tp, dtype = TensorParallel(manifest.recipe.target.tp_degree, rank), self.weights["embed_tokens.weight"].dtype
-        slots, length = self.graphs.batch_size, self.graphs.max_seq_len
-        self.cache = KVCache.for_rank(manifest.model_config, tp, slots, length, dtype)
+        self.cache = allocate_cache(manifest.model_config, tp, self.graphs, dtype)
 
-    def run_prefill(self, spec: GraphSpec, tokens, last_index) -> GraphOutput:
-        return self.packages[spec.name](tokens, last_index)
+    def run_step(self, inputs: tuple[torch.Tensor, ...]) -> GraphOutput:
+        return self.package(*inputs)
 
-    def run_prefill_chunk(self, spec: GraphSpec, tokens, start, last_index, slot: int) -> GraphOutput:
-        return self.packages[spec.name](tokens, start, last_index, *self.cache.row(slot))
 
-    def run_decode(self, spec: GraphSpec, tokens, positions) -> GraphOutput:
-        return self.packages[spec.name](tokens, positions, self.cache.keys, self.cache.values)
+def allocate_cache(config: ModelConfig, tp: TensorParallel, graphs: GraphSet, dtype: torch.dtype) -> KVCache:
+    """This rank's KV cache, refused with the figures when it would not fit in the memory left."""
+    kv_heads = tp.local_kv_heads(config.num_key_value_heads)
+    needed = KVCache.nbytes(config, graphs.batch_size, graphs.max_seq_len, kv_heads, dtype)
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if needed > available:
+        raise MemoryError(
+            f"the KV cache needs {needed / 2**30:.2f} GiB (shapes.batch_size {graphs.batch_size} x "
+            f"shapes.max_seq_len {graphs.max_seq_len}) but {available / 2**30:.2f} GiB of memory is free"
+        )
+    return KVCache.for_rank(config, tp, graphs.batch_size, graphs.max_seq_len, dtype)
 
 
 def rank_state(directory: Path, manifest: ArtifactManifest, rank: int) -> dict[str, torch.Tensor]:
@@ -72,7 +97,7 @@ def rank_state(directory: Path, manifest: ArtifactManifest, rank: int) -> dict[s
     return loadable_state(shard, manifest.model_config, manifest.recipe.shapes.max_seq_len)
 
 
-def open_rank_runner(directory: Path, manifest: ArtifactManifest, rank: int, times: LoadTimes) -> BucketedRunner:
+def open_rank_runner(directory: Path, manifest: ArtifactManifest, rank: int, times: LoadTimes) -> StepRunner:
     """This rank's runner: the AOT graphs, or the eager model when the recipe compiled none."""
     if manifest.graphs:
         return AOTRunner(directory, manifest, rank, times)

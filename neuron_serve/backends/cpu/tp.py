@@ -19,6 +19,7 @@ from neuron_serve.artifact.manifest import ArtifactManifest, read_manifest
 from neuron_serve.backends.base import Forward, LoadTimes
 from neuron_serve.backends.cpu.runners import open_rank_runner
 from neuron_serve.backends.rpc import Call, serve_calls
+from neuron_serve.model.step import StepBatch
 
 
 def _free_port() -> int:
@@ -76,12 +77,9 @@ class TensorParallelRunner:
         dist.broadcast_object_list([(method, args)], src=0)
         return getattr(self.local, method)(*args)
 
-    def prefill(self, prompt: list[int], slot: int) -> Forward:
-        self.graphs.prompt_pieces(prompt)  # a prompt every rank would refuse is refused here, unsent
-        return self.call("prefill", prompt, slot)
-
-    def decode(self, tokens: list[int], positions: list[int], active: int) -> Forward:
-        return self.call("decode", tokens, positions, active)
+    def step(self, batch: StepBatch) -> Forward:
+        self.graphs.step_shape(batch)  # a step every rank would refuse is refused here, unsent
+        return self.call("step", batch)
 
     def close(self) -> None:
         dist.broadcast_object_list([None], src=0)

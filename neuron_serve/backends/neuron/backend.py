@@ -19,6 +19,9 @@ from neuron_serve.recipe.schema import Recipe
 class NeuronBackend(Backend):
     kind = "neuron"
 
+    def resolve_dtype(self) -> tuple[str, str]:
+        return "bfloat16", "NeuronCore-v2 matmuls run at full rate in bf16"
+
     def compile_graphs(self, job: CompileJob) -> list[GraphRecord]:
         return compile_for_neuron(job.recipe, job.config, job.staging)
 
