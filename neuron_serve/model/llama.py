@@ -20,6 +20,7 @@ from torch import nn
 import nki_kernels
 from neuron_serve.model.config import ModelConfig
 from neuron_serve.model.kv_cache import KVCache
+from neuron_serve.model.linear import Linear
 from neuron_serve.model.parallel import TensorParallel
 from neuron_serve.model.rope import rope_tables
 from nki_kernels.reference import apply_rope
@@ -54,19 +55,19 @@ class Attention(nn.Module):
         self.n_kv_heads = tp.local_kv_heads(config.num_key_value_heads)
         self.tp = tp
         self.fused_qkv = fused_qkv  # the qkv_rope kernel
-        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * hd, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * hd, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * hd, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * hd, config.hidden_size, bias=config.o_bias and tp.rank == 0)
+        self.q_proj = Linear(config.hidden_size, self.n_heads * hd, bias=config.qkv_bias)
+        self.k_proj = Linear(config.hidden_size, self.n_kv_heads * hd, bias=config.qkv_bias)
+        self.v_proj = Linear(config.hidden_size, self.n_kv_heads * hd, bias=config.qkv_bias)
+        self.o_proj = Linear(self.n_heads * hd, config.hidden_size, bias=config.o_bias and tp.rank == 0)
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [B, T, H] -> q [B, T, heads, hd], k and v [B, T, kv_heads, hd], RoPE applied to q and k."""
         b, t, _ = x.shape
         if self.fused_qkv:
             return self._project_fused(x, cos, sin)
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        q = self.q_proj(x).reshape(b, t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.n_kv_heads, self.head_dim)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def _project_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -98,9 +99,10 @@ class Attention(nn.Module):
         keys (repeat_interleave would read them `group` times)."""
         b, t, _, hd = q.shape
         group = self.n_heads // self.n_kv_heads
-        q = q.view(b, t, self.n_kv_heads, group, hd).permute(0, 2, 3, 1, 4).reshape(b, self.n_kv_heads, group * t, hd)
+        q = q.reshape(b, t, self.n_kv_heads, group, hd).permute(0, 2, 3, 1, 4)
+        q = q.reshape(b, self.n_kv_heads, group * t, hd)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        return out.view(b, self.n_kv_heads, group, t, hd).permute(0, 3, 1, 2, 4).reshape(b, t, -1)
+        return out.reshape(b, self.n_kv_heads, group, t, hd).permute(0, 3, 1, 2, 4).reshape(b, t, -1)
 
     def attend_causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """`attend_prompt` for a prompt from position 0 with the prefill_attention kernel: q [1, T,
@@ -115,13 +117,13 @@ class Attention(nn.Module):
         in the cache); k_cache/v_cache [S, kv_heads, Lk, hd]; bias from `decode_bias` hides the cache
         positions at or after each slot's own. The cache is only read: the caller writes k/v."""
         s, _, _, hd = q.shape
-        q = q.view(s, self.n_kv_heads, -1, hd)
+        q = q.reshape(s, self.n_kv_heads, -1, hd)
         scale = hd**-0.5
         cached = torch.matmul(q, k_cache.transpose(-1, -2)) * scale + bias
-        own = (q * k.view(s, self.n_kv_heads, 1, hd)).sum(-1, keepdim=True) * scale
+        own = (q * k.reshape(s, self.n_kv_heads, 1, hd)).sum(-1, keepdim=True) * scale
         probs = torch.softmax(torch.cat([cached, own], dim=-1).float(), dim=-1).to(q.dtype)
         lk = k_cache.shape[2]
-        out = torch.matmul(probs[..., :lk], v_cache) + probs[..., lk:] * v.view(s, self.n_kv_heads, 1, hd)
+        out = torch.matmul(probs[..., :lk], v_cache) + probs[..., lk:] * v.reshape(s, self.n_kv_heads, 1, hd)
         return out.reshape(s, 1, -1)
 
     def attend_decode_fused(self, q, k, v, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor):
@@ -133,10 +135,10 @@ class Attention(nn.Module):
         s, _, _, hd = q.shape
         scale = hd**-0.5
         cached, lse = nki_kernels.decode_attention(q[:, 0], k_cache, v_cache, positions, scale, return_lse=True)
-        q = q.view(s, self.n_kv_heads, -1, hd).float()
-        own = (q * k.view(s, self.n_kv_heads, 1, hd).float()).sum(-1) * scale  # [S, kv_heads, group]
+        q = q.reshape(s, self.n_kv_heads, -1, hd).float()
+        own = (q * k.reshape(s, self.n_kv_heads, 1, hd).float()).sum(-1) * scale  # [S, kv_heads, group]
         weight = torch.sigmoid(own.reshape(s, -1) - lse).unsqueeze(-1)  # [S, heads, 1]
-        own_value = v.view(s, self.n_kv_heads, 1, hd).expand(-1, -1, q.shape[2], -1).reshape(s, -1, hd)
+        own_value = v.reshape(s, self.n_kv_heads, 1, hd).expand(-1, -1, q.shape[2], -1).reshape(s, -1, hd)
         out = torch.lerp(cached.float(), own_value.float(), weight).to(v.dtype)
         return out.reshape(s, 1, -1)
 
@@ -153,7 +155,7 @@ def decode_bias(positions: torch.Tensor, kv_len: int, dtype: torch.dtype) -> tor
     return (
         torch.zeros(hidden.shape, dtype=dtype, device=positions.device)
         .masked_fill(hidden, float("-inf"))
-        .view(-1, 1, 1, kv_len)
+        .reshape(-1, 1, 1, kv_len)
     )
 
 
@@ -161,16 +163,16 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig, tp: TensorParallel, fused: bool = False):
         super().__init__()
         inter = config.intermediate_size // tp.degree
-        self.gate_proj = nn.Linear(config.hidden_size, inter, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, inter, bias=False)
-        self.down_proj = nn.Linear(inter, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, inter, bias=False)
+        self.up_proj = Linear(config.hidden_size, inter, bias=False)
+        self.down_proj = Linear(inter, config.hidden_size, bias=False)
         self.tp = tp
         self.fused = fused  # the swiglu_mlp kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
             weights = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
-            out = nki_kernels.swiglu_mlp(x.reshape(-1, x.shape[-1]), *weights).view(x.shape)
+            out = nki_kernels.swiglu_mlp(x.reshape(-1, x.shape[-1]), *weights).reshape(x.shape)
         else:
             out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         return self.tp.all_reduce(out)
@@ -211,7 +213,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, "rmsnorm_residual" in self.kernels)
         # Embeddings and lm_head are replicated on every rank: sampling then needs no all-gather of
         # the logits, and for the models served here their size is small next to the layers.
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         attention = self.layers[0].self_attn  # per rank: KV heads may be replicated under TP
@@ -334,7 +336,7 @@ class LlamaModel(nn.Module):
             keys = torch.cat([row_k, k[:, s:].transpose(1, 2)], dim=2)
             values = torch.cat([row_v, v[:, s:].transpose(1, 2)], dim=2)
             prompted = attention.attend_prompt(q[:, s:], keys, values, mask)
-            return torch.cat([decoded.view(1, s, -1), prompted], dim=1)
+            return torch.cat([decoded.reshape(1, s, -1), prompted], dim=1)
 
         x = self.embed_tokens(torch.cat([decode_tokens, tokens])).unsqueeze(0)
         hidden, keys, values = self._run_layers(x, torch.cat([decode_positions, positions]).unsqueeze(0), attend)
