@@ -38,6 +38,7 @@ from benchmarks.roofline import matmul_flops, memory_read_bandwidth
 from neuron_serve.artifact.manifest import read_manifest
 from neuron_serve.compiler.compile import compile_recipe
 from neuron_serve.model.config import ModelConfig
+from neuron_serve.model.linear import Linear
 from neuron_serve.recipe.files import load_recipe
 from neuron_serve.weights.local_cache import cache_dir
 from neuron_serve.weights.sources import resolve_source
@@ -162,25 +163,27 @@ def linear_shapes(config: ModelConfig) -> list[tuple[int, int]]:
 
 
 def matmul_ceiling(config: ModelConfig, dtype: torch.dtype, concurrency: int, input_len: int, output_len: int) -> float:
-    """Output tokens/s if a server did nothing but the matmuls of its steps, at the rate this machine's
-    BLAS reaches at their row count: in a steady closed loop every step decodes `concurrency` tokens
-    and carries their share of the prompts, concurrency x input_len / output_len tokens, and lm_head
-    runs on the decode rows. Attention, sampling and HTTP cost nothing here, so no server reaches it."""
+    """Output tokens/s if a server did nothing but the matmuls of its steps, computed as the served model
+    computes them (`model.linear.Linear`), at this machine's rate for their row count: in a steady
+    closed loop every step decodes `concurrency` tokens and carries their share of the prompts,
+    concurrency x input_len / output_len tokens, and lm_head runs on the decode rows. Attention,
+    sampling and HTTP cost nothing here, so no server reaches it."""
     rows = concurrency + round(concurrency * input_len / output_len)
-    weights = [torch.randn(shape, dtype=dtype) for shape in linear_shapes(config)]
-    lm_head = torch.randn(config.vocab_size, config.hidden_size, dtype=dtype)
-    inputs = {size: torch.randn(rows, size, dtype=dtype) for size in {w.shape[1] for w in weights}}
-    decode_rows = torch.randn(concurrency, config.hidden_size, dtype=dtype)
+    with torch.no_grad():
+        layers = [Linear(n_in, n_out, bias=False, dtype=dtype) for n_out, n_in in linear_shapes(config)]
+        lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
+        inputs = {size: torch.randn(rows, size, dtype=dtype) for size in {layer.in_features for layer in layers}}
+        decode_rows = torch.randn(concurrency, config.hidden_size, dtype=dtype)
 
-    def step() -> None:
-        for weight in weights:
-            torch.nn.functional.linear(inputs[weight.shape[1]], weight)
-        torch.nn.functional.linear(decode_rows, lm_head)
+        def step() -> None:
+            for layer in layers:
+                layer(inputs[layer.in_features])
+            lm_head(decode_rows)
 
-    step()
-    started = time.perf_counter()
-    for _ in range(3):
         step()
+        started = time.perf_counter()
+        for _ in range(3):
+            step()
     return concurrency / ((time.perf_counter() - started) / 3)
 
 
