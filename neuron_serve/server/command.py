@@ -11,14 +11,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 from gunicorn.app.base import BaseApplication
 
-from neuron_serve.artifact.manifest import MANIFEST, read_manifest
+from neuron_serve.artifact.graphs import GraphSet
+from neuron_serve.artifact.manifest import MANIFEST, ArtifactManifest, read_manifest
 from neuron_serve.backends.registry import backend_for
-from neuron_serve.compiler.compile import compile_recipe
+from neuron_serve.compiler.compile import compile_recipe, kv_cache_bytes
 from neuron_serve.recipe.files import load_recipe
 from neuron_serve.recipe.schema import Recipe
 from neuron_serve.server.app import create_app
@@ -83,6 +85,16 @@ def child_exit(server, worker) -> None:
     multiprocess.mark_process_dead(worker.pid)
 
 
+def describe(manifest: ArtifactManifest, artifacts: Path) -> str:
+    """What a replica will run: the precision the compile chose for this machine, the slots and the step budget."""
+    recipe, graphs = manifest.recipe, GraphSet.from_shapes(manifest.recipe.shapes)
+    return (
+        f"serving {artifacts}: {recipe.model.dtype} on {recipe.target.kind}, TP {recipe.target.tp_degree}, "
+        f"{graphs.batch_size} slots, {graphs.token_budget} tokens per step, "
+        f"KV cache {kv_cache_bytes(manifest) / 2**30:.2f} GiB per replica"
+    )
+
+
 def serve(args: argparse.Namespace) -> int:
     artifacts = resolve_target(args.target)
     manifest = read_manifest(artifacts)
@@ -97,6 +109,7 @@ def serve(args: argparse.Namespace) -> int:
         log_prompts=args.log_prompts,
     )
     batch_size = manifest.recipe.shapes.batch_size
+    print(describe(manifest, artifacts), file=sys.stderr)
     options = {
         "bind": f"{args.host or serve_section.host}:{args.port or serve_section.port}",
         "workers": workers,
