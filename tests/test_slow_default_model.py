@@ -8,13 +8,16 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 import requests
+import torch
 from conftest import REPO
 from server_handle import ServerHandle
 
-from neuron_serve.backends.base import run_prompt
+from neuron_serve.artifact.graphs import GraphSet
+from neuron_serve.backends.base import run_decode, run_prompt
 from neuron_serve.backends.cpu.runners import EagerRunner
 from neuron_serve.backends.registry import open_runner
 from neuron_serve.compiler.compile import compile_recipe
+from neuron_serve.engine.prompts import encode_prompt
 from neuron_serve.model.step import PromptChunk, StepBatch
 from neuron_serve.recipe.files import load_recipe
 from neuron_serve.weights.loader import build_model
@@ -96,3 +99,14 @@ def test_ping_stays_fast_through_long_prefills(default_server):
             time.sleep(0.01)
         assert list(statuses) == [200] * 3
     assert max(latencies) < 0.1, f"slowest /ping {max(latencies) * 1000:.0f} ms"
+
+
+def test_default_model_in_bf16_still_answers(default_loaded):
+    """What `model.dtype = "auto"` serves on a CPU with bf16 instructions (here bf16 is emulated: slow)."""
+    model = build_model(default_loaded, 256).to(torch.bfloat16)
+    runner = EagerRunner(model, GraphSet(1, 256, (64,), (256,)))
+    ids = encode_prompt(default_loaded.tokenizer, "What is the capital of France?", chat=True)
+    out = [int(run_prompt(runner, ids, 0).argmax())]
+    for _ in range(11):
+        out.append(int(run_decode(runner, [0], [out[-1]], [len(ids) + len(out) - 1])[0].argmax()))
+    assert "Paris" in default_loaded.tokenizer.decode(out)
