@@ -85,3 +85,13 @@ def tiny_server(tiny_artifacts):
     server = ServerHandle(tiny_artifacts, "--max-waiting", "128")
     yield server
     server.stop()
+
+
+def wait_finished(sequences, reason: str = "length", timeout: float = 60) -> None:
+    """Wait for each request's last event and check why it ended."""
+    from neuron_serve.engine.sequence import Finished
+
+    for seq in sequences:
+        while not isinstance(event := seq.events.get(timeout=timeout), Finished):
+            pass
+        assert event.reason == reason, event

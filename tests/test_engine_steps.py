@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
-from conftest import eager_runner
+from conftest import eager_runner, wait_finished
 from prometheus_client import CollectorRegistry
 
 from neuron_serve.engine.engine import Engine
 from neuron_serve.engine.metrics import Metrics
 from neuron_serve.engine.sampler import SamplingParams
-from neuron_serve.engine.sequence import Finished, Sequence
+from neuron_serve.engine.sequence import Sequence
 from neuron_serve.weights.loader import build_model
 
 PROMPT_LENGTHS = (5, 37, 2, 23, 9, 14)
@@ -33,13 +35,11 @@ def serve(model, tokenizer, prompts, max_tokens=10, submit_after=None, **graph_s
     requests = [Sequence(p, params, tokenizer, frozenset()) for p in prompts]
     try:
         for i, seq in enumerate(requests):
-            while submit_after and len(engine.steps) < submit_after[i]:
-                pass
+            deadline = time.monotonic() + 60
+            while submit_after and len(engine.steps) < submit_after[i] and time.monotonic() < deadline:
+                time.sleep(0.001)
             engine.submit(seq)
-        for seq in requests:
-            while not isinstance(event := seq.events.get(timeout=60), Finished):
-                pass
-            assert event.reason == "length", event
+        wait_finished(requests)
     finally:
         engine.stop()
     return requests, list(engine.steps)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import eager_runner, tiny_recipe
+from conftest import eager_runner, tiny_recipe, wait_finished
 from rich.console import Console
 
 import nki_kernels
@@ -28,7 +28,7 @@ from neuron_serve.engine.engine import Engine
 from neuron_serve.engine.metrics import metrics_for
 from neuron_serve.engine.prompts import encode_prompt
 from neuron_serve.engine.sampler import SamplingParams, fused_is_exact
-from neuron_serve.engine.sequence import Finished, Sequence
+from neuron_serve.engine.sequence import Sequence
 from neuron_serve.model.state import model_from_state_dict
 from neuron_serve.model.step import PromptChunk, StepBatch, step_tensors
 from neuron_serve.weights.loader import load_model_files
@@ -168,10 +168,7 @@ def run_engine(loaded, requests: list[tuple[list[int], SamplingParams]]) -> list
         engine.submit(seq)  # before start: the first step admits them all
     engine.start()
     try:
-        for seq in seqs:
-            while not isinstance(event := seq.events.get(timeout=60), Finished):
-                pass
-            assert event.reason == "length", event
+        wait_finished(seqs)
     finally:
         engine.stop()
     return [seq.output_ids for seq in seqs]

@@ -1,10 +1,10 @@
-"""The static KV cache: its shape, its layout and the two writes into it.
+"""The static KV cache: its shape, its layout and the writes into it.
 
 Layout ``[layers, slots, kv_heads, max_seq_len, head_dim]``, one tensor for keys and one for values,
 as NxD Inference lays out a rank's cache: a slot's row is contiguous per layer and head, so a decode
 step reads ``[..., :kv_len, :]`` of it as one strided block. The model's forwards only read the cache
-and return the keys and values they made; the runner stores them with `store_prompt` and
-`store_decode`, which keeps every compiled graph a pure function.
+and return the keys and values they made; the runner stores them with `store` (a step's kept rows)
+or `store_prompt` (a prompt graph's), which keeps every compiled graph a pure function.
 """
 
 from __future__ import annotations
@@ -61,7 +61,3 @@ class KVCache:
         # Advanced indices split by a slice put their dimension first: the target is [N, layers, kv, hd].
         self.keys[:, slots, :, positions] = keys.transpose(0, 1)
         self.values[:, slots, :, positions] = values.transpose(0, 1)
-
-    def store_decode(self, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Store one decode step's keys/values ([layers, S, 1, kv_heads, hd]), each slot at its position."""
-        self.store(torch.arange(positions.shape[0]), positions, keys[:, :, 0], values[:, :, 0])

@@ -224,7 +224,7 @@ class LlamaModel(nn.Module):
 
     def new_kv_cache(self, slots: int) -> KVCache:
         """A cache for `slots` sequences, in this rank's KV heads and the weights' dtype."""
-        return KVCache.for_rank(self.config, self.tp, slots, self.max_seq_len, self.embed_tokens.weight.dtype)
+        return KVCache.for_rank(self.config, self.tp, slots, self.max_seq_len, self.dtype)
 
     def _run_layers(self, x: torch.Tensor, positions: torch.Tensor, attend):
         """The shared body. `attend(i, attention, q, k, v)` returns layer i's attended heads
