@@ -1,24 +1,34 @@
 """Decode throughput of the default model against this machine's roofline (eager PyTorch, fp32).
 
     python -m benchmarks.decode [--batches 1,8,16,32] [--steps 32] [--kv-len 256] [--baseline] [--breakdown]
+                                [--quantization none,int8-weight,...]
 
-Batch 1 is bound by memory bandwidth (every weight byte is read once per token); large batches by
-matmul FLOP/s (2 x parameters x batch per step). `--baseline` also times Hugging Face `generate()`
-at batch 1 in the same process. `--breakdown` shows where the largest batch's decode step goes:
-the weight matmuls (and the rate at which they stream the weights), attention over the KV cache, the
-other operators, and what the profiler does not see (Python and dispatch between operators). It then
-prints the ceiling of this machine's BLAS: the step's weight matmuls run alone, back to back, plus the
-KV cache read at full bandwidth, as a fraction of the compute bound; no eager step can beat it.
+Batch 1 is bound by memory bandwidth (every weight byte is read once per token); large batches by matmul
+FLOP/s (2 x parameters x batch per step). With `--quantization`, each method's model (the layers `--skip`
+names kept in fp32) is measured against its own bandwidth bound: the bytes its linear layers store (int8
+or int4 codes, scales, the fp32 layers it skips) over the measured read bandwidth. `--baseline` also
+times Hugging Face `generate()` at batch 1 in the same process. `--breakdown` shows where the largest
+batch's decode step goes: the weight matmuls (and the rate at which they stream the weights), attention
+over the KV cache, the other operators, and what the profiler does not see (Python and dispatch between
+operators). It then prints the ceiling of this machine's BLAS: the step's weight matmuls run alone, back
+to back, plus the KV cache read at full bandwidth, as a fraction of the compute bound; no eager step can
+beat it.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from benchmarks.roofline import matmul_flops, memory_read_bandwidth
+from neuron_serve.backends.base import run_decode
+from neuron_serve.backends.registry import open_runner
+from neuron_serve.model.quantization import QuantizedLinear, QuantSpec, quantize_state_dict
+from neuron_serve.model.state import model_from_state_dict, stored_shard
 from neuron_serve.weights.loader import build_model, load_model_files
 
 
@@ -131,6 +141,45 @@ def hf_generate_tokens_per_s(loaded, new_tokens: int = 64) -> float:
     return (out.shape[1] - prompt.shape[1]) / (time.perf_counter() - start)
 
 
+def compiled_tokens_per_s(runner, batch: int, steps: int, kv_len: int) -> float:
+    """Decode steps of an artifact's runner (the served path: the compiled step graph), as `decode_tokens_per_s`."""
+    slots, tokens = list(range(batch)), [1] * batch
+    for _ in range(3):
+        run_decode(runner, slots, tokens, [kv_len // 2] * batch)
+    start = time.perf_counter()
+    for step in range(steps):
+        run_decode(runner, slots, tokens, [kv_len // 2 + step % (kv_len // 2)] * batch)
+    return batch * steps / (time.perf_counter() - start)
+
+
+def print_compiled(directory: Path, batches: list[int], steps: int, kv_len: int, limits: tuple[float, float, int]):
+    """`limits`: read bandwidth, matmul FLOP/s and the model's parameter count."""
+    bandwidth, flops, params = limits
+    runner, manifest = open_runner(directory)
+    shard = load_file(directory / manifest.weights[0])
+    spec = QuantSpec.of(manifest.recipe.quantization)
+    model = model_from_state_dict(manifest.model_config, shard, kv_len, quantization=spec)
+    read = weight_bytes_read(model)
+    print(f"\n{directory} (compiled step graph, {spec.method}): {read / 1e6:.0f} MB of weights read per decode step")
+    print(f"{'batch':>5} {'tokens/s':>9} {'bound':>9} {'of bound':>9}  bound is")
+    for batch in batches:
+        rate = compiled_tokens_per_s(runner, batch, steps, kv_len)
+        bound, kind = min((bandwidth / read * batch, "bandwidth"), (flops / (2 * params), "compute"))
+        print(f"{batch:>5} {rate:>9.1f} {bound:>9.1f} {rate / bound:>8.0%}  {kind}")
+
+
+def weight_bytes_read(model) -> int:
+    """Bytes a decode step reads from its linear layers' stored tensors (the embeddings are a gather)."""
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, QuantizedLinear))]
+    return sum(t.numel() * t.element_size() for m in layers for t in [*m.parameters(), *m.buffers()])
+
+
+def quantized_default(loaded, method: str, skip: tuple[str, ...]):
+    spec = QuantSpec(method, skip=skip)
+    state = quantize_state_dict(loaded.state_dict, spec, loaded.kept_quantization(spec))
+    return model_from_state_dict(loaded.config, stored_shard(loaded.config, state, 1, 0), 2048, quantization=spec)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="1,8,16,32")
@@ -138,6 +187,9 @@ def main() -> None:
     parser.add_argument("--kv-len", type=int, default=256)
     parser.add_argument("--baseline", action="store_true")
     parser.add_argument("--breakdown", action="store_true")
+    parser.add_argument("--quantization", default="none", help="comma-separated methods (model/quantization.py)")
+    parser.add_argument("--skip", default="embed_tokens,lm_head", help="layers kept in fp32 by every method")
+    parser.add_argument("--artifacts", type=Path, help="also time this artifact's compiled step graph")
     args = parser.parse_args()
 
     bandwidth, flops = memory_read_bandwidth(), matmul_flops()
@@ -150,13 +202,21 @@ def main() -> None:
         f"fp32 matmul {flops / 1e9:.0f} GFLOP/s"
     )
     print(f"model: {params / 1e6:.1f} M parameters, {weight_bytes / 1e6:.0f} MB of fp32 weights read per decode step")
-    print(f"{'batch':>5} {'tokens/s':>9} {'bound':>9} {'of bound':>9}  bound is")
-    for batch in (int(b) for b in args.batches.split(",")):
-        rate = decode_tokens_per_s(model, batch, args.steps, args.kv_len)
-        bandwidth_bound = bandwidth / weight_bytes * batch
-        compute_bound = flops / (2 * params)
-        bound, kind = min((bandwidth_bound, "bandwidth"), (compute_bound, "compute"))
-        print(f"{batch:>5} {rate:>9.1f} {bound:>9.1f} {rate / bound:>8.0%}  {kind}")
+    skip = tuple(args.skip.split(","))
+    for method in args.quantization.split(","):
+        quantized = model if method == "none" else quantized_default(loaded, method, skip)
+        read = weight_bytes_read(quantized)
+        print(f"\n{method}: {read / 1e6:.0f} MB of weights read per decode step")
+        print(f"{'batch':>5} {'tokens/s':>9} {'bound':>9} {'of bound':>9}  bound is")
+        for batch in (int(b) for b in args.batches.split(",")):
+            rate = decode_tokens_per_s(quantized, batch, args.steps, args.kv_len)
+            bandwidth_bound = bandwidth / read * batch
+            compute_bound = flops / (2 * params)
+            bound, kind = min((bandwidth_bound, "bandwidth"), (compute_bound, "compute"))
+            print(f"{batch:>5} {rate:>9.1f} {bound:>9.1f} {rate / bound:>8.0%}  {kind}")
+    if args.artifacts:
+        batches = [int(b) for b in args.batches.split(",")]
+        print_compiled(args.artifacts, batches, args.steps, args.kv_len, (bandwidth, flops, params))
     if args.breakdown:
         batch = max(int(b) for b in args.batches.split(","))
         kv_bytes = print_breakdown(model, batch, args.kv_len, weight_bytes)

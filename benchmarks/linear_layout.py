@@ -12,7 +12,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.peers import linear_shapes
+from benchmarks.peers import layer_groups
 from neuron_serve.recipe.schema import torch_dtype
 from neuron_serve.weights.loader import load_model_files
 
@@ -32,7 +32,8 @@ def main() -> None:
     args = parser.parse_args()
     dtype = torch_dtype(args.dtype)
     config = load_model_files("default", dtype).config
-    weights = [torch.randn(shape, dtype=dtype) for shape in linear_shapes(config)]
+    shapes = [(n_out, n_in) for group in layer_groups(config) for _, n_out, n_in in group]
+    weights = [torch.randn(shape, dtype=dtype) for shape in shapes]
     weights.append(torch.randn(config.vocab_size, config.hidden_size, dtype=dtype))  # lm_head
     print(f"{torch.get_num_threads()} threads, {args.dtype}: every linear of the default model once, ms")
     print(f"{'rows':>5} {'x @ W^T':>9} {'W @ x^T':>9}")

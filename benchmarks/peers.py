@@ -12,8 +12,8 @@ cache hit when nothing changed). The servers run one after the other, never toge
 prompt and 64 output tokens at each concurrency (2 x concurrency requests), then the ``qa`` preset
 (256 -> 128) at the largest concurrency. The table (printed, and written as Markdown and a PNG under
 ``--output``) puts each figure beside llama-server's, the machine's measured limits, and the ceiling
-this machine's BLAS sets on the throughput of the model's matmuls in the recipe's dtype
-(`matmul_ceiling`).
+this machine's BLAS (or the recipe's quantization kernels) sets on the throughput of the model's
+matmuls in the recipe's dtype (`matmul_ceiling`).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from neuron_serve.artifact.manifest import read_manifest
 from neuron_serve.compiler.compile import compile_recipe
 from neuron_serve.model.config import ModelConfig
 from neuron_serve.model.linear import Linear
+from neuron_serve.model.quantization import QuantizedLinear, QuantSpec, linear_group, quantize_weight
 from neuron_serve.recipe.files import load_recipe
 from neuron_serve.weights.local_cache import cache_dir
 from neuron_serve.weights.sources import resolve_source
@@ -154,30 +155,49 @@ def table(ours: list[dict], theirs: list[dict], ceilings: list[float], concurren
     return "\n".join(lines) + "\n"
 
 
-def linear_shapes(config: ModelConfig) -> list[tuple[int, int]]:
-    """(out, in) of every linear layer a token goes through, lm_head excluded."""
+def layer_groups(config: ModelConfig) -> list[list[tuple[str, int, int]]]:
+    """(name, out, in) of every linear layer a token goes through, lm_head excluded, in the groups that
+    share an input (and a kernel call, `quantization.linear_group`)."""
     hd, h, inter = config.head_dim, config.hidden_size, config.intermediate_size
     q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
-    layer = [(q, h), (kv, h), (kv, h), (h, q), (inter, h), (inter, h), (h, inter)]
+    layer = [
+        [("q_proj", q, h), ("k_proj", kv, h), ("v_proj", kv, h)],
+        [("o_proj", h, q)],
+        [("gate_proj", inter, h), ("up_proj", inter, h)],
+        [("down_proj", h, inter)],
+    ]
     return layer * config.num_hidden_layers
 
 
-def matmul_ceiling(config: ModelConfig, dtype: torch.dtype, concurrency: int, input_len: int, output_len: int) -> float:
+def served_layer(name: str, n_out: int, n_in: int, dtype: torch.dtype, spec: QuantSpec) -> torch.nn.Module:
+    """A random layer of this shape as the served model holds it: `Linear`, or quantized by `spec`."""
+    layer = Linear(n_in, n_out, bias=False, dtype=dtype)
+    if not spec.quantizes(name):
+        return layer
+    quantized = QuantizedLinear(n_in, n_out, spec, False, dtype)
+    for suffix, tensor in quantize_weight(layer.weight.detach(), spec).items():
+        setattr(quantized, suffix, tensor)
+    return quantized
+
+
+def matmul_ceiling(
+    config: ModelConfig, dtype: torch.dtype, spec: QuantSpec, concurrency: int, input_len: int, output_len: int
+) -> float:
     """Output tokens/s if a server did nothing but the matmuls of its steps, computed as the served model
-    computes them (`model.linear.Linear`), at this machine's rate for their row count: in a steady
-    closed loop every step decodes `concurrency` tokens and carries their share of the prompts,
-    concurrency x input_len / output_len tokens, and lm_head runs on the decode rows. Attention,
-    sampling and HTTP cost nothing here, so no server reaches it."""
+    computes them (`model.linear.Linear`, or the quantization's kernels, grouped), at this machine's rate
+    for their row count: in a steady closed loop every step decodes `concurrency` tokens and carries
+    their share of the prompts, concurrency x input_len / output_len tokens, and lm_head runs on the
+    decode rows. Attention, sampling and HTTP cost nothing here, so no server reaches it."""
     rows = concurrency + round(concurrency * input_len / output_len)
     with torch.no_grad():
-        layers = [Linear(n_in, n_out, bias=False, dtype=dtype) for n_out, n_in in linear_shapes(config)]
-        lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
-        inputs = {size: torch.randn(rows, size, dtype=dtype) for size in {layer.in_features for layer in layers}}
+        groups = [tuple(served_layer(*shape, dtype, spec) for shape in group) for group in layer_groups(config)]
+        lm_head = served_layer("lm_head", config.vocab_size, config.hidden_size, dtype, spec)
+        inputs = {size: torch.randn(rows, size, dtype=dtype) for size in (config.hidden_size, config.intermediate_size)}
         decode_rows = torch.randn(concurrency, config.hidden_size, dtype=dtype)
 
         def step() -> None:
-            for layer in layers:
-                layer(inputs[layer.in_features])
+            for group in groups:
+                linear_group(inputs[group[0].in_features], group)
             lm_head(decode_rows)
 
         step()
@@ -244,8 +264,12 @@ def main() -> None:
     finally:
         server.stop()
 
-    config, dtype = read_manifest(artifacts).model_config, read_manifest(artifacts).recipe.model.torch_dtype
-    ceilings = [matmul_ceiling(config, dtype, level, *LENGTHS[label]) for label, _, level in workloads(concurrency)]
+    manifest = read_manifest(artifacts)
+    config, dtype = manifest.model_config, manifest.recipe.model.torch_dtype
+    spec = QuantSpec.of(manifest.recipe.quantization)
+    ceilings = [
+        matmul_ceiling(config, dtype, spec, level, *LENGTHS[label]) for label, _, level in workloads(concurrency)
+    ]
     report = table(ours, theirs, ceilings, concurrency, limits)
     (args.output / "peers.md").write_text(report)
     plot(ours, theirs, concurrency, args.output / "peers.png")

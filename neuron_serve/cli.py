@@ -74,13 +74,66 @@ def _add_compile(subparsers) -> None:
 def _run_compile(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from neuron_serve.compiler.compile import compile_recipe, summary_table
+    from neuron_serve.compiler.compile import compile_recipe, quality_table, summary_table
     from neuron_serve.recipe.files import load_recipe
 
     console = Console(stderr=True)
     result = compile_recipe(load_recipe(args.recipe), args.out, console)
     console.print(summary_table(result))
+    if result.manifest.quality:
+        console.print(quality_table(result.manifest.quality))
     print(result.out_dir)
+    return 0
+
+
+def _add_eval(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="measure quantization methods' quality against the unquantized model (perplexity, agreement)"
+    )
+    p.add_argument("target", help="a recipe TOML or an artifact directory: its model, dtype and quantization")
+    p.add_argument("--methods", help="comma-separated methods (default: the recipe's, or every one its target runs)")
+    p.add_argument("--skip", help="comma-separated layers kept unquantized (default: the recipe's [quantization] skip)")
+    p.add_argument("--prompts", type=int, default=32, help="prompts for the greedy agreement")
+    p.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per prompt")
+    p.add_argument("--window", type=int, default=256, help="tokens per perplexity window")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from rich.console import Console
+
+    from neuron_serve.artifact.manifest import read_manifest
+    from neuron_serve.compiler.compile import quality_table, resolve_precision
+    from neuron_serve.compiler.quality import evaluate
+    from neuron_serve.model.quantization import QuantSpec
+    from neuron_serve.recipe.files import load_recipe
+    from neuron_serve.recipe.schema import QUANTIZATION_METHODS
+    from neuron_serve.recipe.validation import QUANTIZATION_SUPPORT
+    from neuron_serve.weights.loader import load_model_files
+
+    console = Console(stderr=True)
+    target = Path(args.target)
+    recipe = resolve_precision(read_manifest(target).recipe if target.is_dir() else load_recipe(target), console)
+    section = recipe.quantization
+    if args.methods:
+        methods = args.methods.split(",")
+    elif section.method != "none":
+        methods = [section.method]
+    else:
+        refused = QUANTIZATION_SUPPORT.get(recipe.target.kind, {})
+        methods = [m for m in QUANTIZATION_METHODS if m != "none" and m not in refused]
+    unknown = [m for m in methods if m not in QUANTIZATION_METHODS]
+    if unknown:
+        raise ValueError(f"--methods: unknown {', '.join(unknown)}; known: {', '.join(QUANTIZATION_METHODS)}")
+    if args.skip is not None:
+        section = dataclasses.replace(section, skip=[name for name in args.skip.split(",") if name])
+    specs = [QuantSpec.of(dataclasses.replace(section, method=m)) for m in methods]
+    loaded = load_model_files(recipe.model.source, recipe.model.torch_dtype)
+    with console.status(f"evaluating {', '.join(methods)} on {recipe.model.source}"):
+        rows = evaluate(loaded, specs, args.prompts, args.new_tokens, args.window)
+    console.print(quality_table([row.to_dict() for row in rows]))
     return 0
 
 
@@ -115,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_generate(subparsers)
     _add_compile(subparsers)
+    _add_eval(subparsers)
     _add_serve(subparsers)
     add_recipe_parser(subparsers)
     add_bench_parser(subparsers)

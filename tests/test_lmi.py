@@ -185,3 +185,19 @@ def test_cli_from_lmi_refuses_an_invalid_result(tmp_path, capsys):
     assert _cli(["recipe", "from-lmi", str(path), "--out", str(tmp_path / "r.toml")]) == 1
     assert "target.tp_degree: must be one of 1, 2, 4, 8, 24 on inf2, got 3" in capsys.readouterr().err
     assert not (tmp_path / "r.toml").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "method", "note"),
+    [
+        ("option.quantize=static_int8\n", "int8-weight", "option.quantize=static_int8: quantization.method"),
+        ("option.load_in_8bit=true\n", "int8-weight", "option.load_in_8bit=true: quantization.method"),
+        ("option.neuron_quant=true\n", "int8-weight", "option.neuron_quant=true: quantization.method"),
+        ("option.quantize=awq\n", "none", "option.quantize=awq: not carried over: LMI's Neuron engine takes only"),
+    ],
+)
+def test_lmi_quantize_maps_to_a_method_or_says_why_not(tmp_path, options, method, note):
+    recipe, notes = convert_lmi(write(tmp_path, "option.model_id=/m\noption.dtype=bf16\n" + options))
+    assert recipe.quantization.method == method
+    assert any(n.startswith(note) for n in notes), notes
+    assert recipe_errors(recipe) == []

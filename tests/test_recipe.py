@@ -143,7 +143,7 @@ def test_missing_keys_take_documented_defaults():
         ),
         ("compiler.optlevel", 4, "compiler.optlevel: must be one of 1, 2, 3, got 4"),
         ("compiler.extra_flags", ["O3"], "compiler.extra_flags: every entry must be a flag"),
-        ("quantization.method", "int8", "quantization.method: must be one of none, got 'int8'"),
+        ("quantization.method", "int8", "quantization.method: must be one of none, int8-weight"),
         ("kernels.enabled", ["flash"], "kernels.enabled: unknown kernel 'flash'"),
         ("kernels.enabled", ["qkv_rope", "qkv_rope"], "kernels.enabled: names must not repeat"),
         ("serve.port", 70000, "serve.port: must be in 1..65535"),

@@ -14,7 +14,9 @@ def reassemble(config, shards: list[dict[str, torch.Tensor]], name: str) -> torc
     module = name.split(".")[-2]
     if module in ("q_proj", "gate_proj", "up_proj"):
         return torch.cat([s[name] for s in shards], dim=0)
-    if module in ("o_proj", "down_proj") and name.endswith("weight"):
+    # Row-parallel: the weight's inputs, and a quantized weight's groups of them (one scale per output
+    # channel, [out, 1], is every rank's whole).
+    if module in ("o_proj", "down_proj") and not name.endswith("bias") and shards[0][name].shape[1] > 1:
         return torch.cat([s[name] for s in shards], dim=1)
     if module in ("k_proj", "v_proj"):
         heads = {}

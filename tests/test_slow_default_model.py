@@ -10,6 +10,7 @@ import pytest
 import requests
 import torch
 from conftest import REPO
+from safetensors.torch import load_file
 from server_handle import ServerHandle
 
 from neuron_serve.artifact.graphs import GraphSet
@@ -18,6 +19,8 @@ from neuron_serve.backends.cpu.runners import EagerRunner
 from neuron_serve.backends.registry import open_runner
 from neuron_serve.compiler.compile import compile_recipe
 from neuron_serve.engine.prompts import encode_prompt
+from neuron_serve.model.quantization import QuantSpec, quantize_state_dict
+from neuron_serve.model.state import model_from_state_dict, stored_shard
 from neuron_serve.model.step import PromptChunk, StepBatch
 from neuron_serve.recipe.files import load_recipe
 from neuron_serve.weights.loader import build_model
@@ -32,8 +35,12 @@ def default_artifacts(tmp_path_factory):
 
 
 def test_default_aot_graphs_match_eager(default_artifacts, default_loaded):
-    aot, _ = open_runner(default_artifacts)
-    eager = EagerRunner(build_model(default_loaded, aot.graphs.max_seq_len), aot.graphs)
+    """The compiled graph against the eager model of the same (int8-quantized) weights."""
+    aot, manifest = open_runner(default_artifacts)
+    shard = load_file(default_artifacts / manifest.weights[0])
+    spec = QuantSpec.of(manifest.recipe.quantization)
+    model = model_from_state_dict(manifest.model_config, shard, aot.graphs.max_seq_len, quantization=spec)
+    eager = EagerRunner(model, aot.graphs)
     text = "The history of the Roman Empire is long and full of emperors, wars and roads. " * 120
     ids = default_loaded.tokenizer.encode(text)
     for slot, length in enumerate((10, 200, 900, 1500)):  # one step, or several continued
@@ -101,12 +108,25 @@ def test_ping_stays_fast_through_long_prefills(default_server):
     assert max(latencies) < 0.1, f"slowest /ping {max(latencies) * 1000:.0f} ms"
 
 
-def test_default_model_in_bf16_still_answers(default_loaded):
-    """What `model.dtype = "auto"` serves on a CPU with bf16 instructions (here bf16 is emulated: slow)."""
-    model = build_model(default_loaded, 256).to(torch.bfloat16)
+def greedy_answer(model, tokenizer) -> str:
     runner = EagerRunner(model, GraphSet(1, 256, (64,), (256,)))
-    ids = encode_prompt(default_loaded.tokenizer, "What is the capital of France?", chat=True)
+    ids = encode_prompt(tokenizer, "What is the capital of France?", chat=True)
     out = [int(run_prompt(runner, ids, 0).argmax())]
     for _ in range(11):
         out.append(int(run_decode(runner, [0], [out[-1]], [len(ids) + len(out) - 1])[0].argmax()))
-    assert "Paris" in default_loaded.tokenizer.decode(out)
+    return tokenizer.decode(out)
+
+
+def test_default_model_in_bf16_still_answers(default_loaded):
+    """What `model.dtype = "auto"` serves on a CPU with bf16 instructions (here bf16 is emulated: slow)."""
+    assert "Paris" in greedy_answer(build_model(default_loaded, 256).to(torch.bfloat16), default_loaded.tokenizer)
+
+
+@pytest.mark.parametrize("method", ["int8-weight", "int8-dynamic", "int4-weight"])
+def test_default_model_quantized_still_answers(default_loaded, method):
+    """Each CPU method with lm_head quantized too (int4: the GGUF file's own Q4_1 codes)."""
+    spec = QuantSpec(method, 32, ("embed_tokens",))
+    state = quantize_state_dict(default_loaded.state_dict, spec, default_loaded.kept_quantization(spec))
+    shard = stored_shard(default_loaded.config, state, 1, 0)
+    model = model_from_state_dict(default_loaded.config, shard, 256, quantization=spec)
+    assert "Paris" in greedy_answer(model, default_loaded.tokenizer)

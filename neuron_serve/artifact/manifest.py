@@ -51,6 +51,8 @@ class ArtifactManifest:
     weights: list[str]
     graphs: list[GraphRecord] = field(default_factory=list)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The quantization's cost (compiler/quality.py): one row for the unquantized model, one for the method.
+    quality: list[dict[str, Any]] = field(default_factory=list)
     format: int = FORMAT_VERSION
 
     def to_json(self) -> str:

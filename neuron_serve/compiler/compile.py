@@ -22,9 +22,11 @@ from neuron_serve.artifact.compile_cache import CompileCache, cache_key, link_or
 from neuron_serve.artifact.manifest import ArtifactManifest, toolchain_versions, write_manifest
 from neuron_serve.backends.base import CompileJob
 from neuron_serve.backends.registry import backend_for
+from neuron_serve.compiler.quality import evaluate
 from neuron_serve.model.config import ModelConfig
 from neuron_serve.model.kv_cache import KVCache
 from neuron_serve.model.parallel import TensorParallel
+from neuron_serve.model.quantization import QuantSpec, quantize_state_dict
 from neuron_serve.model.state import stored_shard
 from neuron_serve.recipe.schema import AUTO_DTYPE, Recipe
 from neuron_serve.recipe.validation import validate_recipe
@@ -83,6 +85,7 @@ def compile_recipe(recipe: Recipe, out_dir: Path | None = None, console: Console
         toolchain=toolchain_versions(),
         weights=weight_files,
         graphs=graphs,
+        quality=cache.info(weights_entry).get("quality", []),
     )
     write_manifest(staging, manifest, known_sha256)
     if out_dir.exists():
@@ -98,7 +101,7 @@ def _weights_entry(cache: CompileCache, recipe: Recipe, digest: str, console: Co
             "source": digest,
             "dtype": recipe.model.dtype,
             "tp": tp,
-            "quant": recipe.quantization.method,
+            "quant": dataclasses.asdict(recipe.quantization),
             "format": WEIGHTS_FORMAT,
         }
     )
@@ -107,13 +110,24 @@ def _weights_entry(cache: CompileCache, recipe: Recipe, digest: str, console: Co
         return entry
     console.print(f"loading weights from {recipe.model.source} and sharding for TP={tp}")
     loaded = load_model_files(recipe.model.source, recipe.model.torch_dtype)
+    quantization = QuantSpec.of(recipe.quantization)
+    kept = loaded.kept_quantization(quantization)
+    if quantization.enabled:
+        console.print(f"quantizing to {quantization.method}, skipping {', '.join(quantization.skip)}")
+    if kept:
+        console.print(f"{len(kept)} layers keep the source's own int4 codes")
+    state = quantize_state_dict(loaded.state_dict, quantization, kept)
     staging = cache.staging_dir("weights")
     (staging / "weights").mkdir()
     for rank in range(tp):
-        shard = stored_shard(loaded.config, loaded.state_dict, tp, rank)
+        shard = stored_shard(loaded.config, state, tp, rank)
         save_file(shard, staging / "weights" / f"rank{rank}.safetensors")
     loaded.tokenizer.save_pretrained(staging / "tokenizer")
-    return cache.store("weights", key, staging, {"model_config": loaded.config.to_dict()})
+    info = {"model_config": loaded.config.to_dict()}
+    if quantization.enabled:
+        with console.status(f"measuring {quantization.method}'s quality against the unquantized model"):
+            info["quality"] = [row.to_dict() for row in evaluate(loaded, [quantization])]
+    return cache.store("weights", key, staging, info)
 
 
 def summary_table(result: CompileResult) -> Table:
@@ -125,6 +139,17 @@ def summary_table(result: CompileResult) -> Table:
     weights = sum(result.manifest.files[w]["size"] for w in result.manifest.weights)
     table.add_row("weights", "", f"{weights / 1e6:.1f}", "")
     table.add_row("KV cache (allocated at load)", "", f"{kv_cache_bytes(result.manifest) / 1e6:.1f}", "")
+    return table
+
+
+def quality_table(rows: list[dict]) -> Table:
+    """`Quality` rows: perplexity on held-out text and greedy agreement, against the unquantized model."""
+    table = Table(title="quantization quality (held-out text; greedy tokens of the unquantized model)")
+    for column in ("method", "perplexity", "increase", "greedy agreement"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for row in rows:
+        increase = f"{row['perplexity_increase']:+.2%}"
+        table.add_row(row["method"], f"{row['perplexity']:.3f}", increase, f"{row['greedy_agreement']:.1%}")
     return table
 
 

@@ -22,6 +22,7 @@ from neuron_serve.model.config import ModelConfig
 from neuron_serve.model.kv_cache import KVCache
 from neuron_serve.model.linear import Linear
 from neuron_serve.model.parallel import TensorParallel
+from neuron_serve.model.quantization import linear_group
 from neuron_serve.model.rope import rope_tables
 from nki_kernels.reference import apply_rope
 
@@ -65,9 +66,10 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         if self.fused_qkv:
             return self._project_fused(x, cos, sin)
-        q = self.q_proj(x).reshape(b, t, self.n_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, t, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, t, self.n_kv_heads, self.head_dim)
+        q, k, v = linear_group(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.reshape(b, t, self.n_heads, self.head_dim)
+        k = k.reshape(b, t, self.n_kv_heads, self.head_dim)
+        v = v.reshape(b, t, self.n_kv_heads, self.head_dim)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def _project_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -174,7 +176,8 @@ class MLP(nn.Module):
             weights = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
             out = nki_kernels.swiglu_mlp(x.reshape(-1, x.shape[-1]), *weights).reshape(x.shape)
         else:
-            out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            gate, up = linear_group(x, (self.gate_proj, self.up_proj))
+            out = self.down_proj(F.silu(gate) * up)
         return self.tp.all_reduce(out)
 
 
@@ -252,6 +255,16 @@ class LlamaModel(nn.Module):
         """A prompt from position 0: tokens [1, T] (padded at the end), last_index [1] the position of
         the last real token. Reads no cache. Returns (logits [1, vocab], keys, values [layers, 1, T,
         kv_heads, hd])."""
+        hidden, keys, values = self._prompt_hidden(tokens)
+        return self.lm_head(hidden.index_select(1, last_index)[:, 0]), keys, values
+
+    def prompt_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The logits [T, vocab] after each token of a prompt from position 0 (tokens [1, T]): for
+        measuring a model (perplexity, agreement), not for serving."""
+        hidden, _, _ = self._prompt_hidden(tokens)
+        return self.lm_head(hidden[0])
+
+    def _prompt_hidden(self, tokens: torch.Tensor):
         t = tokens.shape[1]
         positions = torch.arange(t, device=tokens.device).unsqueeze(0)
         if "prefill_attention" in self.kernels:
@@ -265,8 +278,7 @@ class LlamaModel(nn.Module):
             def attend(i, attention, q, k, v):
                 return attention.attend_prompt(q, k.transpose(1, 2), v.transpose(1, 2), mask)
 
-        hidden, keys, values = self._run_layers(self.embed_tokens(tokens), positions, attend)
-        return self.lm_head(hidden.index_select(1, last_index)[:, 0]), keys, values
+        return self._run_layers(self.embed_tokens(tokens), positions, attend)
 
     def prefill_chunk(self, tokens, start, last_index, k_row: torch.Tensor, v_row: torch.Tensor):
         """A chunk of a long prompt at positions start..start+T-1 of a slot whose cache row

@@ -4,6 +4,10 @@ q/k/v and gate/up are column-parallel (each rank holds a slice of the output fea
 are row-parallel (a slice of the input features, followed by one all-reduce each). Embeddings, norms
 and lm_head are replicated (see `LlamaModel`). With fewer KV heads than ranks, each KV head is
 replicated to the ranks whose query heads use it, as NxD Inference's REPLICATE_TO_TP_DEGREE does.
+
+A quantized layer's scales and offsets (``quantization.py``) go with its weight: cut with its rows
+when column-parallel; when row-parallel, cut with its input groups, or kept whole by every rank when
+there is one scale per output channel (``[out, 1]``), which each rank applies to its partial sum.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ def shard_tensor(config: ModelConfig, name: str, tensor: torch.Tensor, degree: i
     if role == "column":
         return tensor.chunk(degree, dim=0)[rank].contiguous()
     if role == "row":
-        return tensor.chunk(degree, dim=1)[rank].contiguous()
+        return tensor if tensor.shape[1] == 1 else tensor.chunk(degree, dim=1)[rank].contiguous()
     if role == "bias":  # o_proj's bias is added once, after the all-reduce would sum it `degree` times
         return tensor if rank == 0 else None
     first, last = kv_head_range(config, degree, rank)

@@ -11,7 +11,15 @@ import re
 from pathlib import Path
 
 from neuron_serve.recipe.instances import get_instance
-from neuron_serve.recipe.schema import CompilerSection, ModelSection, Recipe, ServeSection, ShapesSection, TargetSection
+from neuron_serve.recipe.schema import (
+    CompilerSection,
+    ModelSection,
+    QuantizationSection,
+    Recipe,
+    ServeSection,
+    ShapesSection,
+    TargetSection,
+)
 
 DEFAULT_INSTANCE = "inf2.48xlarge"
 LMI_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -38,13 +46,16 @@ NO_EQUIVALENT = {
     "compiled_graph_path": "transformers-neuronx NEFFs cannot be reused; `neuron-serve compile` builds "
     "its own artifacts (and uses the compile cache)",
     "group_query_attention": "KV heads are sharded, or replicated when fewer than tp_degree, automatically",
-    "quantize": "quantization.method supports only 'none' for now; weights are served in model.dtype",
-    "load_in_8bit": "quantization.method supports only 'none' for now; weights are served in model.dtype",
     "speculative_draft_model": "speculative decoding is not supported",
     "draft_model_id": "speculative decoding is not supported",
     "speculative_length": "speculative decoding is not supported",
     "enable_lora": "LoRA adapters are not supported",
 }
+# option.quantize values of LMI's Neuron engine (djl_python tnx_properties.py TnXQuantizeMethods at
+# djl-serving afece25d: static_int8 only, i.e. transformers-neuronx's int8 weights, QuantizationConfig
+# quant_dtype "s8", one scale per output channel) and the boolean options that mean the same.
+LMI_QUANTIZE = {"static_int8": "int8-weight"}
+LMI_INT8_FLAGS = ("load_in_8bit", "neuron_quant")
 # Options that become neuronx-cc flags (both are real neuronx-cc compile flags).
 FLAG_OPTIONS = {
     "enable_mixed_precision_accumulation": "--enable-mixed-precision-accumulation",
@@ -162,8 +173,29 @@ def _compiler(opts: dict[str, str], dtype: str, notes: list[str]) -> CompilerSec
     return c
 
 
+def _quantization(opts: dict[str, str], notes: list[str]) -> QuantizationSection:
+    method = "none"
+    quantize = opts.get("quantize")
+    if quantize is not None:
+        if quantize in LMI_QUANTIZE:
+            method = LMI_QUANTIZE[quantize]
+            notes.append(f"option.quantize={quantize}: quantization.method = {method!r} (int8 weights per channel)")
+        else:
+            notes.append(
+                f"option.quantize={quantize}: not carried over: LMI's Neuron engine takes only "
+                f"{', '.join(LMI_QUANTIZE)}; set [quantization] method in the recipe instead (int8-weight, fp8-weight)"
+            )
+    for flag in LMI_INT8_FLAGS:
+        if opts.get(flag, "").lower() == "true":
+            method = "int8-weight"
+            notes.append(f"option.{flag}=true: quantization.method = 'int8-weight' (int8 weights per channel)")
+    return QuantizationSection(method=method)
+
+
 def _other_options(props: dict[str, str], opts: dict[str, str], notes: list[str]) -> None:
     mapped = {
+        "quantize",
+        *LMI_INT8_FLAGS,
         "model_id",
         "tensor_parallel_degree",
         "n_positions",
@@ -232,6 +264,7 @@ def convert_lmi(
             context_buckets=context,
             token_buckets=ladder(min(512, n_positions), n_positions),
         ),
+        quantization=_quantization(opts, notes),
         compiler=_compiler(opts, dtype, notes),
         serve=serve,
     )

@@ -27,7 +27,10 @@ MODEL_TYPES = ("generic", "transformer", "unet-inference")
 AUTO_CASTS = ("none", "matmult", "all")
 AUTO_CAST_TYPES = ("bf16", "fp16", "tf32", "fp8_e4m3")
 OPTLEVELS = (1, 2, 3)
-QUANTIZATION_METHODS = ("none",)
+# `none` keeps model.dtype; the others are described in docs/ARCHITECTURE.md ("Quantization") and
+# owned by model/quantization.py. Which target runs which: validation.QUANTIZATION_SUPPORT.
+QUANTIZATION_METHODS = ("none", "int8-weight", "int4-weight", "int8-dynamic", "fp8-weight")
+INT4_GROUP_SIZES = (32, 64, 128)
 
 
 class RecipeError(ValueError):
@@ -89,6 +92,10 @@ class KernelsSection:
 @dataclass
 class QuantizationSection:
     method: str = "none"
+    group_size: int = 32  # int4-weight: inputs per scale and offset
+    # Kept in model.dtype. lm_head by default: its logits feed sampling directly, and its error is
+    # not averaged over layers. The embeddings are never quantized (a gather saves no time).
+    skip: list[str] = field(default_factory=lambda: ["embed_tokens", "lm_head"])
 
 
 @dataclass

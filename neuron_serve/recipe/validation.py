@@ -12,6 +12,7 @@ from neuron_serve.recipe.schema import (
     AUTO_DTYPE,
     CPU_MODES,
     DTYPES,
+    INT4_GROUP_SIZES,
     MODEL_TYPES,
     OPTLEVELS,
     QUANTIZATION_METHODS,
@@ -114,6 +115,11 @@ def _check_cpu_target(errors: list[str], r: Recipe) -> None:
 
 
 def _check_neuron_target(errors: list[str], r: Recipe) -> None:
+    if r.quantization.method != "none" and "lm_head" not in r.quantization.skip:
+        errors.append(
+            "quantization.skip: must list lm_head on neuron: lm_head is a replicated plain layer there, "
+            "which neuronx-distributed's quantization does not convert"
+        )
     t = r.target
     if not t.instance:
         errors.append(f"target.instance: is required for kind 'neuron'; known: {', '.join(INSTANCES)}")
@@ -134,6 +140,63 @@ def _check_neuron_target(errors: list[str], r: Recipe) -> None:
             f"serve.workers: {r.serve.workers} workers x tp_degree {t.tp_degree} = "
             f"{r.serve.workers * t.tp_degree} NeuronCores, but {inst.name} has {inst.neuron_cores}"
         )
+
+
+# The quantization methods each target runs, and why it refuses the others.
+QUANTIZATION_SUPPORT = {
+    "cpu": {
+        "fp8-weight": "the CPU has no fp8 matmul; fp8-weight is for NeuronCores (use int8-weight or int8-dynamic)",
+    },
+    "neuron": {
+        "int4-weight": "NxD Inference quantizes weights to int8 or fp8 only (quantization_dtype int8, f8e4m3)",
+        "int8-dynamic": "NxD Inference quantizes activations dynamically to fp8 only, not int8 (use int8-weight)",
+    },
+}
+# Kernels that read a layer's float weight themselves, so cannot run on quantized layers.
+_FLOAT_WEIGHT_KERNELS = ("qkv_rope", "swiglu_mlp")
+
+
+def _check_quantization(errors: list[str], r: Recipe) -> None:
+    q = r.quantization
+    _one_of(errors, "quantization.method", q.method, QUANTIZATION_METHODS)
+    refused = QUANTIZATION_SUPPORT.get(r.target.kind, {})
+    if q.method in refused:
+        why = refused[q.method]
+        errors.append(f"quantization.method: {q.method!r} is not supported on target {r.target.kind!r}: {why}")
+    if q.method == "int4-weight":
+        _one_of(errors, "quantization.group_size", q.group_size, INT4_GROUP_SIZES)
+    if q.method != "none":
+        for kernel in sorted(set(r.kernels.enabled) & set(_FLOAT_WEIGHT_KERNELS)):
+            errors.append(
+                f"kernels.enabled: {kernel!r} reads float weights and cannot run with quantization.method {q.method!r}"
+            )
+    from neuron_serve.model.quantization import LINEAR_LAYERS  # lazily: recipes load without torch
+
+    known = ("embed_tokens", *LINEAR_LAYERS)
+    for entry in q.skip:
+        if entry.rsplit(".", 1)[-1] not in known:
+            errors.append(
+                f"quantization.skip: {entry!r} names no layer; a name or path ending in one of {', '.join(known)}"
+            )
+
+
+def _check_group_divides(errors: list[str], r: Recipe, config: HeadCounts) -> None:
+    """int4 groups must not straddle a rank's inputs: every layer's inputs per rank divide into groups."""
+    group, tp = r.quantization.group_size, r.target.tp_degree
+    hidden = getattr(config, "hidden_size", None)
+    head_dim = getattr(config, "head_dim", None) or (hidden or 0) // config.num_attention_heads
+    inputs = {
+        "hidden_size": hidden,
+        "attention heads x head_dim / tp_degree": _per_rank(config.num_attention_heads * head_dim, tp),
+        "intermediate_size / tp_degree": _per_rank(getattr(config, "intermediate_size", None), tp),
+    }
+    for what, size in inputs.items():
+        if size and size % group:
+            errors.append(f"quantization.group_size: {group} does not divide the model's {what} ({size})")
+
+
+def _per_rank(size: int | None, tp: int) -> int | None:
+    return size // tp if size and size % tp == 0 else None
 
 
 # The rules of each target's own fields; a target kind is valid when it has rules here.
@@ -184,7 +247,9 @@ def recipe_errors(recipe: Recipe, model_config: HeadCounts | None = None) -> lis
             errors.append(f"kernels.enabled: unknown kernel {k!r}; known: {', '.join(kernels)}")
     if len(set(r.kernels.enabled)) != len(r.kernels.enabled):
         errors.append(f"kernels.enabled: names must not repeat, got {r.kernels.enabled}")
-    _one_of(errors, "quantization.method", r.quantization.method, QUANTIZATION_METHODS)
+    _check_quantization(errors, r)
+    if model_config is not None and r.quantization.method == "int4-weight" and r.target.tp_degree >= 1:
+        _check_group_divides(errors, r, model_config)
     _check_compiler(errors, r.compiler)
     _check_serve(errors, r.serve)
     return errors

@@ -1,4 +1,11 @@
-"""Load a GGUF file with the `gguf` package: dequantize, map tensor names, undo the q/k permutation."""
+"""Load a GGUF file with the `gguf` package: dequantize, map tensor names, undo the q/k permutation.
+
+Every tensor is dequantized for the float state dict. Tensors stored as Q4_0 or Q4_1 also keep their
+own 4-bit codes (`LoadedModel.int4_codes`), which ``int4-weight`` with group_size 32 uses as they are
+(both are blocks of 32 weights with a scale, Q4_1 also an offset), so the served weights are exactly
+the file's. Other types (Q8_0, Q5_x, the K-quants, F16) are dequantized, and a quantization method
+quantizes the floats again: int8 is per output channel here and GGUF's Q8_0 per block of 32.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 from transformers import AutoTokenizer
 
 from neuron_serve.model.config import ModelConfig, UnsupportedModelError
+from neuron_serve.model.quant_ops import pack_int4
 from neuron_serve.weights.loaded import LoadedModel
 
 # GGUF architecture -> (HF architecture, whether llama.cpp's converter permuted the q/k rows)
@@ -100,21 +108,49 @@ def _tensor_name(gguf_name: str) -> str | None:
     return None
 
 
+def q4_blocks(data: np.ndarray, kind: GGMLQuantizationType, rows: int) -> dict[str, np.ndarray]:
+    """A Q4_0/Q4_1 tensor's codes [rows, cols] (0..15), and per block of 32 its scale and offset
+    [rows, cols/32], such that weight = code * scale + offset. Block layout (ggml-common.h): fp16 d,
+    for Q4_1 fp16 m, then 16 bytes whose low nibbles are weights 0..15 and high nibbles 16..31;
+    Q4_0's weight is (code - 8) * d, Q4_1's code * d + m."""
+    header = 4 if kind == GGMLQuantizationType.Q4_1 else 2
+    blocks = data.reshape(-1, header + 16)
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)[:, 0]
+    m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)[:, 0] if header == 4 else -8 * d
+    packed = blocks[:, header:]
+    codes = np.concatenate([packed & 15, packed >> 4], axis=1)
+    return {"codes": codes.reshape(rows, -1), "scale": d.reshape(rows, -1), "zero": m.reshape(rows, -1)}
+
+
+def _unpermute(name: str, array: np.ndarray, config: ModelConfig, permuted: bool) -> np.ndarray:
+    if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
+        return unpermute_rows(array, config.num_attention_heads)
+    if permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
+        return unpermute_rows(array, config.num_key_value_heads)
+    return array
+
+
 def load_gguf(path: Path) -> LoadedModel:
     reader = GGUFReader(path)
     config = config_from_gguf(reader)
     permuted = ARCHITECTURES[_field(reader, "general.architecture")][1]
-    state_dict = {}
+    state_dict, int4_codes = {}, {}
     for tensor in reader.tensors:
         name = _tensor_name(tensor.name)
         if name is None:
             continue  # e.g. rope_freqs: recomputed from the config
-        array = dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
-        array = array.reshape([int(d) for d in reversed(tensor.shape)])  # GGUF lists dims innermost first
-        if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
-            array = unpermute_rows(array, config.num_attention_heads)
-        elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
-            array = unpermute_rows(array, config.num_key_value_heads)
-        state_dict[name] = torch.from_numpy(np.ascontiguousarray(array))
+        shape = [int(d) for d in reversed(tensor.shape)]  # GGUF lists dims innermost first
+        array = dequantize(tensor.data, tensor.tensor_type).astype(np.float32).reshape(shape)
+        state_dict[name] = torch.from_numpy(np.ascontiguousarray(_unpermute(name, array, config, permuted)))
+        if tensor.tensor_type in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1):
+            parts = {
+                k: _unpermute(name, v, config, permuted)
+                for k, v in q4_blocks(tensor.data, tensor.tensor_type, shape[0]).items()
+            }
+            int4_codes[name.removesuffix(".weight")] = {
+                "weight": pack_int4(torch.from_numpy(np.ascontiguousarray(parts["codes"]))),
+                "scale": torch.from_numpy(np.ascontiguousarray(parts["scale"])),
+                "zero": torch.from_numpy(np.ascontiguousarray(parts["zero"])),
+            }
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return LoadedModel(config, state_dict, tokenizer, path)
+    return LoadedModel(config, state_dict, tokenizer, path, int4_codes)

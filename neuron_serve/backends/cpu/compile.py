@@ -19,6 +19,7 @@ from neuron_serve.backends.base import CompileJob
 from neuron_serve.backends.cpu.export import compile_step_graph
 from neuron_serve.model.llama import LlamaModel
 from neuron_serve.model.parallel import TensorParallel
+from neuron_serve.model.quantization import QuantSpec
 from neuron_serve.model.state import model_from_state_dict
 
 
@@ -49,7 +50,7 @@ def graph_cache_fields(job: CompileJob) -> dict:
         "bounds": dataclasses.asdict(graphs.step_bounds()),
         "smallest_kv_len": graphs.token_buckets[0],
         "kernels": sorted(recipe.kernels.enabled),
-        "quantization": recipe.quantization.method,
+        "quantization": dataclasses.asdict(recipe.quantization),
         "toolchain": toolchain_versions(),
     }
 
@@ -80,7 +81,8 @@ def tracing_model(job: CompileJob) -> LlamaModel:
     recipe = job.recipe
     state = load_file(job.weights_dir / "weights" / "rank0.safetensors")
     tp = TensorParallel(recipe.target.tp_degree, 0)
-    return model_from_state_dict(job.config, state, recipe.shapes.max_seq_len, tp, frozenset(recipe.kernels.enabled))
+    kernels, quantization = frozenset(recipe.kernels.enabled), QuantSpec.of(recipe.quantization)
+    return model_from_state_dict(job.config, state, recipe.shapes.max_seq_len, tp, kernels, quantization)
 
 
 def _compile_entry(job: CompileJob, key: str) -> Path:

@@ -18,6 +18,7 @@ from neuron_serve.model.config import ModelConfig
 from neuron_serve.model.kv_cache import KVCache
 from neuron_serve.model.llama import LlamaModel
 from neuron_serve.model.parallel import TensorParallel
+from neuron_serve.model.quantization import QuantSpec, load_kernels
 from neuron_serve.model.state import loadable_state, model_from_state_dict
 from neuron_serve.model.step import StepBatch, logit_rows, step_kept, step_tensors
 
@@ -67,6 +68,7 @@ class AOTRunner(StepRunner):
         started = time.perf_counter()
         self.weights = rank_state(directory, manifest, rank)
         (record,) = manifest.graphs
+        load_kernels(QuantSpec.of(manifest.recipe.quantization))
         self.package = torch._inductor.aoti_load_package(str(Path(directory) / record.file))
         self.package.load_constants(
             constants_map(self.package, self.weights), check_full_update=True, user_managed=True
@@ -106,6 +108,7 @@ def open_rank_runner(directory: Path, manifest: ArtifactManifest, rank: int, tim
     tp = TensorParallel(recipe.target.tp_degree, rank)
     shard = load_file(Path(directory) / manifest.weights[rank])
     kernels = frozenset(recipe.kernels.enabled)
-    model = model_from_state_dict(manifest.model_config, shard, recipe.shapes.max_seq_len, tp, kernels)
+    quantization = QuantSpec.of(recipe.quantization)
+    model = model_from_state_dict(manifest.model_config, shard, recipe.shapes.max_seq_len, tp, kernels, quantization)
     times.measure("load_graphs", started)
     return EagerRunner(model, GraphSet.from_shapes(recipe.shapes))

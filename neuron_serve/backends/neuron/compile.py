@@ -27,6 +27,7 @@ from neuron_serve.backends.neuron.calling_convention import check_distinct_shape
 from neuron_serve.backends.neuron.parallel_model import LayerFactory, build_parallel_model
 from neuron_serve.backends.neuron.runner import GRAPHS_DIR
 from neuron_serve.model.config import ModelConfig
+from neuron_serve.model.quantization import QuantSpec
 from neuron_serve.recipe.schema import Recipe
 
 
@@ -51,10 +52,13 @@ def graph_factory(
     """``factory(name)`` builds graph ``name``'s module. ModelBuilder calls it inside its mocked TP
     world, where the default (neuronx-distributed) layers find their TP size."""
     specs, dtype, kernels = recipe_graphs(recipe), recipe.model.torch_dtype, frozenset(recipe.kernels.enabled)
+    quantization = QuantSpec.of(recipe.quantization)
 
     def factory(name: str) -> nn.Module:
         shapes, degree = recipe.shapes, recipe.target.tp_degree
-        model = build_parallel_model(config, shapes.max_seq_len, degree, dtype, column_cls, row_cls, kernels)
+        model = build_parallel_model(
+            config, shapes.max_seq_len, degree, dtype, column_cls, row_cls, kernels, quantization
+        )
         return neuron_graph(model, specs[name])
 
     return factory

@@ -8,6 +8,8 @@ why ``extra_flags`` go last: they can override anything generated here.
 
 from __future__ import annotations
 
+from neuron_serve.backends.neuron.quantization import compiler_flags
+from neuron_serve.model.quantization import QuantSpec
 from neuron_serve.recipe.instances import get_instance
 from neuron_serve.recipe.schema import Recipe
 
@@ -28,4 +30,5 @@ def neuronx_cc_flags(recipe: Recipe) -> list[str]:
     flags.append(f"-O{c.optlevel}")
     if c.fast_loading:
         flags.append("--enable-fast-loading-neuron-binaries")
+    flags += compiler_flags(QuantSpec.of(recipe.quantization))
     return [*flags, *c.extra_flags]

@@ -23,9 +23,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from neuron_serve.backends.neuron.quantization import quantize_parallel_layers
 from neuron_serve.model.config import ModelConfig
 from neuron_serve.model.llama import LlamaModel
 from neuron_serve.model.parallel import TensorParallel
+from neuron_serve.model.quantization import QuantSpec
 from neuron_serve.model.rope import rope_tables
 from neuron_serve.model.sharding import COLUMN_PARALLEL, KV_PROJECTIONS, ROW_PARALLEL
 
@@ -116,10 +118,13 @@ def build_parallel_model(
     column_cls: LayerFactory | None = None,
     row_cls: LayerFactory | None = None,
     kernels: frozenset[str] = frozenset(),
+    quantization: QuantSpec | None = None,
 ) -> LlamaModel:
-    """The model as one NeuronCore of a TP group of ``degree`` sees it, using the fused ``kernels``
-    (weights are placeholders: ModelBuilder traces without them, the runner gives each rank its shard)."""
+    """The model as one NeuronCore of a TP group of ``degree`` sees it, using the fused ``kernels``,
+    its parallel layers NxD's quantized ones when `quantization` says (weights are placeholders:
+    ModelBuilder traces without them, the runner gives each rank its shard)."""
     model = LlamaModel(config, max_seq_len, LayerReducedTensorParallel(degree, 0), kernels).to(dtype)
     # RoPE tables stay float32, as on the CPU path (`_run_layers` casts after indexing them).
     model.rope_cos, model.rope_sin = rope_tables(config, max_seq_len)
-    return to_parallel_layers(model, column_cls, row_cls).eval()
+    model = to_parallel_layers(model, column_cls, row_cls)
+    return quantize_parallel_layers(model, quantization or QuantSpec()).eval()

@@ -1,0 +1,128 @@
+"""Candidate CPU kernels for quantized linear layers, on the default model's matmul shapes.
+
+    python -m benchmarks.quant_kernels [--rows 1,8,32] [--repeats 5]
+
+All 30 layers' projections (q/k/v/o, gate/up/down; each layer its own weights, so they stream from
+memory as in a real step) and then lm_head, each at 1, 8 and 32 rows, best of `--repeats`:
+
+- fp32: the served float layer (``model/linear.py``, weight @ x^T);
+- our int8 weight-only kernel (``neuron_serve::int8_weight_linear``) and fbgemm's int8 dynamic linear
+  as ``neuron_serve::int8_dynamic_linear`` calls it (``model/quant_ops.py``), one call per layer and
+  one per group (q/k/v, gate/up);
+- ATen's ``_weight_int8pack_mm`` (torchao's int8 weight-only CPU kernel) and
+  ``_weight_int4pack_mm_for_cpu`` (torchao's int4 CPU kernel), group 32.
+
+A kernel slower than fp32 on this CPU is shown as such; which one each method uses is decided by it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+
+from neuron_serve.model import quant_ops
+from neuron_serve.model.linear import Linear
+from neuron_serve.model.quantization import QuantSpec, quantize_weight
+
+HIDDEN, INTERMEDIATE, VOCAB, LAYERS, KV = 576, 1536, 49152, 30, 192
+# (out, in) of each projection, in groups that share an input
+GROUPS = [
+    [(HIDDEN, HIDDEN), (KV, HIDDEN), (KV, HIDDEN)],
+    [(HIDDEN, HIDDEN)],
+    [(INTERMEDIATE, HIDDEN)] * 2,
+    [(HIDDEN, INTERMEDIATE)],
+]
+
+Op = Callable[[torch.Tensor], torch.Tensor]
+
+
+def fp32(weights: list[torch.Tensor]) -> list[Op]:
+    layers = []
+    for w in weights:
+        layer = Linear(w.shape[1], w.shape[0], bias=False)
+        layer.weight.data = w
+        layers.append(layer)
+    return layers
+
+
+def int8_kernel(method: str, weights: list[torch.Tensor], grouped: bool) -> list[Op]:
+    """Our operator for `method`, on each weight alone or on all of them in one call."""
+    stored = [quantize_weight(w, QuantSpec(method)) for w in weights]
+    parts = [stored] if grouped else [[s] for s in stored]
+    op = getattr(torch.ops.neuron_serve, method.replace("-", "_") + "_linear")
+    return [lambda x, p=p: op(x, [s["weight"] for s in p], [s["scale"] for s in p]) for p in parts]
+
+
+def int8pack(weights: list[torch.Tensor]) -> list[Op]:
+    ops = []
+    for w in weights:
+        s = quantize_weight(w, QuantSpec("int8-weight"))
+        ops.append(lambda x, q=s["weight"], scale=s["scale"][:, 0]: torch.ops.aten._weight_int8pack_mm(x, q, scale))
+    return ops
+
+
+def int4pack(weights: list[torch.Tensor]) -> list[Op]:
+    spec = QuantSpec("int4-weight", 32)
+    ops = []
+    for w in weights:
+        s = quantize_weight(w, spec)
+        tiles, scale_zero = quant_ops._aten_int4([s["weight"]], [s["scale"]], [s["zero"]])
+        ops.append(lambda x, t=tiles, sz=scale_zero: torch.ops.aten._weight_int4pack_mm_for_cpu(x, t, 32, sz))
+    return ops
+
+
+def best_seconds(ops: list[Op], inputs: dict[int, torch.Tensor], in_features: list[int], repeats: int) -> float:
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            for op, k in zip(ops, in_features, strict=True):
+                op(inputs[k])
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default="1,8,32")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    quant_ops.load_int8_weight_kernel()
+    layers = [[[torch.randn(n, k) * 0.02 for n, k in group] for group in GROUPS] for _ in range(LAYERS)]
+    flat = [w for layer in layers for group in layer for w in group]
+    grouped = [group for layer in layers for group in layer]
+    lm_head = [torch.randn(VOCAB, HIDDEN) * 0.02]
+    candidates = {
+        "fp32 (Linear)": (fp32, False),
+        "ours int8 weight-only": (lambda ws: int8_kernel("int8-weight", ws, False), False),
+        "ours int8 weight-only, grouped": (lambda ws: int8_kernel("int8-weight", ws, True), True),
+        "fbgemm int8 dynamic": (lambda ws: int8_kernel("int8-dynamic", ws, False), False),
+        "fbgemm int8 dynamic, grouped": (lambda ws: int8_kernel("int8-dynamic", ws, True), True),
+        "aten _weight_int8pack_mm": (int8pack, False),
+        "aten _weight_int4pack_mm_for_cpu": (int4pack, False),
+    }
+    rows = [int(r) for r in args.rows.split(",")]
+    print(f"{torch.get_num_threads()} threads; ms for all {LAYERS} layers' projections | lm_head")
+    print(f"{'kernel':34}" + "".join(f"{f'{r} rows':>18}" for r in rows))
+    for name, (make, by_group) in candidates.items():
+        if by_group:
+            ops = [op for group in grouped for op in make(group)]
+            in_features = [group[0].shape[1] for group in grouped]
+        else:
+            ops, in_features = make(flat), [w.shape[1] for w in flat]
+        head = make(lm_head)
+        cells = []
+        for r in rows:
+            inputs = {k: torch.randn(r, k) for k in (HIDDEN, INTERMEDIATE)}
+            layers_s = best_seconds(ops, inputs, in_features, args.repeats)
+            head_s = best_seconds(head, inputs, [HIDDEN], args.repeats)
+            cells.append(f"{layers_s * 1e3:8.1f} | {head_s * 1e3:6.1f}")
+        print(f"{name:34}" + "".join(f"{c:>18}" for c in cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""The CPU kernels of the quantized linear layers, as torch operators that torch.export records and
+AOTInductor graphs call: ``neuron_serve::int8_weight_linear`` (C++, ``kernels/int8_weight_linear.cpp``),
+``neuron_serve::int8_dynamic_linear`` and ``neuron_serve::int4_linear`` (library kernels behind Python).
+Each takes a group of layers' weights at once (q/k/v, gate/up) and returns their outputs side by side.
+
+Measured on the development machine (AVX2 AMD EPYC without VNNI or AVX-512, 2 threads; all 30 layers
+of the default model, then lm_head; ``python -m benchmarks.quant_kernels`` prints the table):
+
+- ATen's int8 weight-only kernel (``_weight_int8pack_mm``, torchao's CPU path) and its int4 kernel
+  (``_weight_int4pack_mm_for_cpu``) have no AVX2 code: slower than fp32 at one row, 10-40x slower at
+  8 to 32 rows. Inductor's int8 weight-only GEMM template, tried once while choosing (torch.compile
+  with frozen weights and max-autotune), took 30 ms at one row and 89 at 32 against fp32's 56 and 113:
+  slower than the kernel below, and tried only with weights frozen into the graph, which ours are not.
+- fbgemm's dynamic int8 linear is fast (about a quarter of fp32's time) but rounds the activations
+  to 7 bits: +11 % perplexity on the default model, where the quality goal is 1 %.
+- So int8 weight-only is a kernel of our own: int8 rows widened to fp32 in registers and multiplied
+  with AVX2 FMAs, the activations untouched: a third of fp32's time at one row, four fifths at 32.
+
+The library kernels need their weights in a layout made for the machine (fbgemm's packed matrix,
+ATen's int4 tiles), while a graph's constants are the artifact's portable tensors. Each operator
+makes its layout on first use and keeps it for the life of the process, keyed by the tensors it was
+made from; the entry holds them, so their memory is never freed and reused under the same key.
+fbgemm's packed weight is a TorchScript object that torch.export cannot trace (no
+``__obj_flatten__``), hence an operator on plain tensors around it.
+
+fbgemm quantizes the activations with one scale per call: each row is divided by its own largest
+magnitude first and the output rows multiplied back (exact, as a linear layer is linear in each row),
+so every token is quantized on its own range and a sequence's result does not depend on which other
+sequences share its step.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+_LIBRARY = torch.library.Library("neuron_serve", "FRAGMENT")
+_INT8_WEIGHT_SOURCE = Path(__file__).parent / "kernels" / "int8_weight_linear.cpp"
+_LIBRARY.define("int8_dynamic_linear(Tensor x, Tensor[] weights, Tensor[] scales) -> Tensor")
+_LIBRARY.define("int4_linear(Tensor x, Tensor[] weights, Tensor[] scales, Tensor[] zeros, int group_size) -> Tensor")
+
+_prepared: dict[tuple, tuple[list[torch.Tensor], object]] = {}
+_lock = threading.Lock()
+
+
+def _prepare(tensors: list[torch.Tensor], make):
+    """The layout made by `make()` for these tensors, made once per process."""
+    key = tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in tensors)
+    entry = _prepared.get(key)
+    if entry is None:
+        with _lock:
+            entry = _prepared.get(key)
+            if entry is None:
+                entry = _prepared[key] = (list(tensors), make())
+    return entry[1]
+
+
+def _fbgemm_packed(weights: list[torch.Tensor], scales: list[torch.Tensor]):
+    weight, scale = torch.cat(weights), torch.cat(scales).reshape(-1).double()
+    zeros = torch.zeros(weight.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():
+        # torch 2.13 deprecates its quantized tensor types (pytorch#184982); fbgemm's prepack still
+        # takes one, and no other interface to this kernel exists yet.
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        quantized = torch._make_per_channel_quantized_tensor(weight, scale, zeros, 0)
+    return torch.ops.quantized.linear_prepack(quantized, None)
+
+
+def _int8_dynamic_linear(x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor]) -> torch.Tensor:
+    packed = _prepare([*weights, *scales], lambda: _fbgemm_packed(weights, scales))
+    rows = x.float()
+    magnitude = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
+    out = torch.ops.quantized.linear_dynamic(rows / magnitude, packed, True)
+    return (out * magnitude).to(x.dtype)
+
+
+def _aten_int4(weights: list[torch.Tensor], scales: list[torch.Tensor], zeros: list[torch.Tensor]):
+    codes = unpack_int4(torch.cat(weights)).to(torch.int32)
+    tiles = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    scale, zero = torch.cat(scales), torch.cat(zeros)
+    # ATen dequantizes (q - 8) * scale + zero; ours is q * scale + zero.
+    return tiles, torch.stack([scale, zero + 8 * scale], dim=-1).transpose(0, 1).contiguous()
+
+
+def _int4_linear(x, weights, scales, zeros, group_size: int) -> torch.Tensor:
+    tiles, scale_zero = _prepare([*weights, *scales, *zeros], lambda: _aten_int4(weights, scales, zeros))
+    rows = x.float()
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, tiles, group_size, scale_zero.float()).to(x.dtype)
+
+
+def _output_shape(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+    return x.new_empty(x.shape[0], sum(w.shape[0] for w in weights))
+
+
+_LIBRARY.impl("int8_dynamic_linear", _int8_dynamic_linear, "CPU")
+_LIBRARY.impl("int4_linear", _int4_linear, "CPU")
+torch.library.register_fake("neuron_serve::int8_dynamic_linear", lambda x, weights, scales: _output_shape(x, weights))
+torch.library.register_fake(
+    "neuron_serve::int4_linear", lambda x, weights, scales, zeros, group_size: _output_shape(x, weights)
+)
+
+
+@functools.cache
+def load_int8_weight_kernel() -> None:
+    """Build (once per machine, cached by torch in ~/.cache/torch_extensions) and load the C++
+    ``neuron_serve::int8_weight_linear``: a C++ operator, so a compiled graph calls it without Python."""
+    from torch.utils import cpp_extension
+
+    cpp_extension.load(
+        name="neuron_serve_int8_weight_linear",
+        sources=[str(_INT8_WEIGHT_SOURCE)],
+        # OpenMP: at::parallel_for is compiled into the extension, and is serial without it.
+        extra_cflags=["-O3", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+    )
+    torch.library.register_fake(
+        "neuron_serve::int8_weight_linear", lambda x, weights, scales: _output_shape(x, weights)
+    )
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """int4 codes [N, K] (0..15) -> bytes [N, K/2], column 2j in the low nibble, 2j+1 in the high one."""
+    codes = codes.to(torch.uint8)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
