@@ -27,8 +27,8 @@ from safetensors.torch import load_file
 from benchmarks.roofline import matmul_flops, memory_read_bandwidth
 from neuron_serve.backends.base import run_decode
 from neuron_serve.backends.registry import open_runner
-from neuron_serve.model.quantization import QuantizedLinear, QuantSpec, quantize_state_dict
-from neuron_serve.model.state import model_from_state_dict, stored_shard
+from neuron_serve.model.quantization import QuantizedLinear, QuantSpec
+from neuron_serve.model.state import model_from_state_dict
 from neuron_serve.weights.loader import build_model, load_model_files
 
 
@@ -174,12 +174,6 @@ def weight_bytes_read(model) -> int:
     return sum(t.numel() * t.element_size() for m in layers for t in [*m.parameters(), *m.buffers()])
 
 
-def quantized_default(loaded, method: str, skip: tuple[str, ...]):
-    spec = QuantSpec(method, skip=skip)
-    state = quantize_state_dict(loaded.state_dict, spec, loaded.kept_quantization(spec))
-    return model_from_state_dict(loaded.config, stored_shard(loaded.config, state, 1, 0), 2048, quantization=spec)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="1,8,16,32")
@@ -204,7 +198,7 @@ def main() -> None:
     print(f"model: {params / 1e6:.1f} M parameters, {weight_bytes / 1e6:.0f} MB of fp32 weights read per decode step")
     skip = tuple(args.skip.split(","))
     for method in args.quantization.split(","):
-        quantized = model if method == "none" else quantized_default(loaded, method, skip)
+        quantized = model if method == "none" else build_model(loaded, 2048, QuantSpec(method, skip=skip))
         read = weight_bytes_read(quantized)
         print(f"\n{method}: {read / 1e6:.0f} MB of weights read per decode step")
         print(f"{'batch':>5} {'tokens/s':>9} {'bound':>9} {'of bound':>9}  bound is")

@@ -19,8 +19,8 @@ from neuron_serve.backends.cpu.runners import EagerRunner
 from neuron_serve.backends.registry import open_runner
 from neuron_serve.compiler.compile import compile_recipe
 from neuron_serve.engine.prompts import encode_prompt
-from neuron_serve.model.quantization import QuantSpec, quantize_state_dict
-from neuron_serve.model.state import model_from_state_dict, stored_shard
+from neuron_serve.model.quantization import QuantSpec
+from neuron_serve.model.state import model_from_state_dict
 from neuron_serve.model.step import PromptChunk, StepBatch
 from neuron_serve.recipe.files import load_recipe
 from neuron_serve.weights.loader import build_model
@@ -132,8 +132,5 @@ def test_default_model_in_bf16_still_answers(default_loaded):
 )
 def test_default_model_quantized_still_answers(default_loaded, method, skip):
     """Each CPU method, as it meets its quality goal best."""
-    spec = QuantSpec(method, 32, skip)
-    state = quantize_state_dict(default_loaded.state_dict, spec, default_loaded.kept_quantization(spec))
-    shard = stored_shard(default_loaded.config, state, 1, 0)
-    model = model_from_state_dict(default_loaded.config, shard, 256, quantization=spec)
+    model = build_model(default_loaded, 256, QuantSpec(method, 32, skip))
     assert "Paris" in greedy_answer(model, default_loaded.tokenizer)

@@ -27,8 +27,9 @@ from neuron_serve.backends.base import run_decode, run_prompt
 from neuron_serve.backends.cpu.runners import EagerRunner
 from neuron_serve.model.llama import LlamaModel
 from neuron_serve.model.quantization import QuantSpec, dequantize_state_dict, quantize_state_dict
-from neuron_serve.model.state import model_from_state_dict, stored_shard
+from neuron_serve.model.state import model_from_state_dict
 from neuron_serve.weights.loaded import LoadedModel
+from neuron_serve.weights.loader import build_model
 
 PROMPT_TOKENS = 32
 
@@ -52,11 +53,12 @@ def corpus_ids(loaded: LoadedModel) -> list[int]:
 
 
 def quantized_model(loaded: LoadedModel, spec: QuantSpec, max_seq_len: int) -> LlamaModel:
+    """The model that measures `spec`: its kernel for int8-dynamic, else its dequantized weights."""
+    if spec.method == "int8-dynamic":
+        return build_model(loaded, max_seq_len, spec)
     state = quantize_state_dict(loaded.state_dict, spec, loaded.kept_quantization(spec))
-    if spec.method != "int8-dynamic":
-        state, spec = dequantize_state_dict(state, spec, loaded.state_dict["embed_tokens.weight"].dtype), QuantSpec()
-    shard = stored_shard(loaded.config, state, 1, 0)
-    return model_from_state_dict(loaded.config, shard, max_seq_len, quantization=spec)
+    floats = dequantize_state_dict(state, spec, loaded.state_dict["embed_tokens.weight"].dtype)
+    return model_from_state_dict(loaded.config, floats, max_seq_len)
 
 
 @torch.inference_mode()
@@ -110,7 +112,7 @@ def evaluate(
     step = max(1, (half - PROMPT_TOKENS) // prompts)
     prompt_ids = [ids[i : i + PROMPT_TOKENS] for i in range(0, step * prompts, step)][:prompts]
     max_seq_len = max(window, PROMPT_TOKENS + new_tokens)
-    reference = model_from_state_dict(loaded.config, stored_shard(loaded.config, loaded.state_dict, 1, 0), max_seq_len)
+    reference = build_model(loaded, max_seq_len)
     base, scored = perplexity(reference, ids[half:], window)
     continuations = greedy_continuations(reference, prompt_ids, new_tokens)
     results = [Quality("none", base, 0.0, 1.0, scored)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from neuron_serve.model.llama import LlamaModel
+from neuron_serve.model.quantization import QuantSpec, quantize_state_dict
 from neuron_serve.model.state import check_complete, model_from_state_dict
 from neuron_serve.weights.gguf_file import load_gguf
 from neuron_serve.weights.hf import load_hf_directory
@@ -21,5 +22,8 @@ def load_model_files(source: str, dtype: torch.dtype = torch.float32) -> LoadedM
     return loaded
 
 
-def build_model(loaded: LoadedModel, max_seq_len: int) -> LlamaModel:
-    return model_from_state_dict(loaded.config, loaded.state_dict, max_seq_len)
+def build_model(loaded: LoadedModel, max_seq_len: int, quantization: QuantSpec | None = None) -> LlamaModel:
+    """The eager model, its weights quantized as `quantization` says (the source's own codes where kept)."""
+    spec = quantization or QuantSpec()
+    state = quantize_state_dict(loaded.state_dict, spec, loaded.kept_quantization(spec))
+    return model_from_state_dict(loaded.config, state, max_seq_len, quantization=spec)
