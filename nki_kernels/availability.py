@@ -1,4 +1,4 @@
-"""Whether the NKI package (>= 0.3, the `nki` namespace) can be imported here, without importing it
+"""Whether the NKI package (>= 0.5, the `nki` namespace) can be imported here, without importing it
 into this process: importing nki_kernels must stay free of Neuron dependencies."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import re
 from functools import cache
 from pathlib import Path
 
-MIN_NKI_VERSION = (0, 3)
+# The kernels use NkiTensor.broadcast, new in NKI 0.5 (Neuron SDK 2.31).
+MIN_NKI_VERSION = (0, 5)
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
@@ -33,16 +34,16 @@ def _has_submodule(spec: importlib.machinery.ModuleSpec, name: str) -> bool:
 
 @cache
 def nki_unavailable_reason() -> str | None:
-    """None when `import nki` would give NKI >= 0.3; otherwise why not, in one line."""
+    """None when `import nki` would give NKI >= 0.5; otherwise why not, in one line."""
     spec = importlib.util.find_spec("nki")
     if spec is None:
-        return "the `nki` package (Neuron SDK >= 2.29) is not installed"
+        return "the `nki` package (Neuron SDK >= 2.31) is not installed"
     try:
         version = importlib.metadata.version("nki")
     except importlib.metadata.PackageNotFoundError:
         return "an `nki` module exists but no installed `nki` distribution provides it"
     if _version_tuple(version) < MIN_NKI_VERSION:
-        return f"nki {version} is older than 0.3 (the retired Beta API)"
+        return f"nki {version} is older than 0.5: the kernels use NkiTensor.broadcast, new in NKI 0.5 (Neuron SDK 2.31)"
     if not _has_submodule(spec, "language"):
         # PyPI's `nki` is an empty placeholder; the real one comes from AWS's package repository.
         return f"nki {version} has no nki.language (a placeholder package, not the Neuron SDK's)"

@@ -1,6 +1,6 @@
 """The nki.isa half of the emulator (see nki_kernels.nki_emulator), plus nki.jit and nki.simulate.
 
-Each function takes the NKI 0.3 signature (explicit dst first), checks the rules stated in the
+Each function takes the NKI 0.5 signature (explicit dst first), checks the rules stated in the
 nki.isa documentation for NeuronCore-v2, and computes the documented result.
 """
 
@@ -9,7 +9,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from nki_kernels.emulator_core import FLOAT32, INTS, OPS, TORCH_DTYPES, Op, Tile, check
+from nki_kernels.emulator_core import (
+    FLOAT32,
+    INTS,
+    OPS,
+    TORCH_DTYPES,
+    EmulatorError,
+    Op,
+    Tile,
+    check,
+    start_kernel_run,
+)
 
 ON_CHIP = ("sbuf", "psum")
 
@@ -42,13 +52,14 @@ def _operand(operand, parts: int):
 
 
 def _apply(op: Op, a, b, reverse: bool = False):
-    check(isinstance(op, Op) and op.alu, f"{op!r} is not a Vector Engine ALU operator")
+    if not (isinstance(op, Op) and op.alu):  # not check(): the scan calls this per column, and repr is slow
+        raise EmulatorError(f"{op!r} is not a Vector Engine ALU operator")
     return op.fn(b, a) if reverse else op.fn(a, b)
 
 
 def dma_copy(dst, src, **_options) -> None:
     check(isinstance(src, Tile) and isinstance(dst, Tile), "dma_copy between tensors")
-    check(src.buffer != "psum" and dst.buffer != "psum", "NKI 0.3: no DMA to or from PSUM (tensor_copy to SBUF)")
+    check(src.buffer != "psum" and dst.buffer != "psum", "NKI 0.5: no DMA to or from PSUM (tensor_copy to SBUF)")
     check(src.array.size == dst.array.size, f"dma_copy of {src.shape} into {dst.shape}")
     _store(dst, src.read())
 
@@ -62,7 +73,7 @@ def tensor_copy(dst, src, engine=None, name=None) -> None:
 def memset(dst, value, engine=None, name=None) -> None:
     _on_chip(dst)
     if dst.dtype.is_float:
-        check(isinstance(value, float), f"memset of a float tile with {value!r} (NKI 0.3 wants a float)")
+        check(isinstance(value, float), f"memset of a float tile with {value!r} (NKI 0.5 wants a float)")
     else:
         check(isinstance(value, int) and not isinstance(value, bool), f"memset of an int tile with {value!r}")
     dst.write(value)
@@ -213,18 +224,21 @@ def max8(dst, src, name=None) -> None:
     _on_chip(dst, src)
     check(8 <= src.free_size() <= 16384, f"max8 reads 8..16384 elements per partition, not {src.free_size()}")
     check(dst.shape == (src.shape[0], 8), f"max8 writes [P, 8], not {dst.shape}")
-    _store(dst, -np.sort(-_values(src), axis=1)[:, :8])
+    values = _values(src)
+    top = np.partition(values, values.shape[1] - 8, axis=1)[:, -8:]
+    _store(dst, -np.sort(-top, axis=1))
 
 
 def _first_matches(values: np.ndarray, targets: np.ndarray, taken: np.ndarray) -> np.ndarray:
     """Per partition, the first not-yet-taken index of each target value (marking it taken)."""
     index = np.zeros(targets.shape, dtype=np.int64)
-    for p in range(targets.shape[0]):
-        for j in range(targets.shape[1]):
-            hits = np.flatnonzero((values[p] == targets[p, j]) & ~taken[p])
-            check(hits.size > 0, f"value {targets[p, j]} not found in partition {p}")
-            index[p, j] = hits[0]
-            taken[p, hits[0]] = True
+    parts = np.arange(targets.shape[0])
+    for j in range(targets.shape[1]):
+        hits = (values == targets[:, j : j + 1]) & ~taken
+        missing = np.flatnonzero(~hits.any(axis=1))
+        check(missing.size == 0, f"value {j} of the 8 not found in partitions {missing.tolist()}")
+        index[:, j] = hits.argmax(axis=1)
+        taken[parts, index[:, j]] = True
     return index
 
 
@@ -277,9 +291,11 @@ def _to_torch(tile: Tile) -> torch.Tensor:
 
 
 def simulate(kernel):
-    """Like nki.simulate: run the kernel on torch tensors (HBM), return torch tensors."""
+    """Like nki.simulate: run the kernel on torch tensors (HBM), return torch tensors. Each run
+    starts the SBUF/PSUM accounting afresh (see nki_emulator.peak_bytes)."""
 
     def run(*args):
+        start_kernel_run()
         out = kernel(*[_to_tile(a) for a in args])
         return tuple(_to_torch(t) for t in out) if isinstance(out, tuple) else _to_torch(out)
 

@@ -37,7 +37,7 @@ NEG = -1.0e30
 
 def ranges(total: int, block: int) -> list[tuple[int, int]]:
     """(start, size) of each block of `total` split into `block`-sized pieces; the last may be short.
-    Also called inside NKI kernels, so it keeps to the Python subset the NKI 0.3 compiler accepts."""
+    Also called inside NKI kernels, so it keeps to the Python subset the NKI 0.5 compiler accepts."""
     out = []
     for start in range(0, total, block):
         out.append((start, min(block, total - start)))

@@ -53,6 +53,18 @@ def exec_form(arguments: str) -> list[str]:
     return json.loads(arguments)
 
 
+def test_one_neuron_sdk_release_in_the_image_the_extra_and_the_nki_minimum(dockerfile):
+    from neuron_serve.backends.neuron.sdk import SDK_PINS, SDK_RELEASE
+    from neuron_serve.recipe.files import tomllib
+    from nki_kernels.availability import MIN_NKI_VERSION
+
+    default = only(dockerfile, "ARG").removeprefix("BASE_IMAGE=")
+    assert default.split(":")[1].split("-")[3] == f"sdk{SDK_RELEASE}"
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["neuron"]
+    assert extra == [f"{name}=={version}" for name, version in SDK_PINS.items()]
+    assert tuple(int(part) for part in SDK_PINS["nki"].split(".")[:2]) == MIN_NKI_VERSION
+
+
 def test_the_base_image_is_a_build_argument_defaulting_to_the_neuron_pytorch_inference_dlc(dockerfile):
     (first, arguments), *_ = dockerfile
     assert first == "ARG" and arguments.startswith("BASE_IMAGE=")

@@ -10,39 +10,35 @@ from neuron_serve.model.step import PromptChunk, StepBatch, StepShape
 GRAPHS = GraphSet(batch_size=4, max_seq_len=128, context_buckets=(16, 32), token_buckets=(64, 128))
 
 
-def test_one_graph_per_bucket_and_a_chunk_graph_only_when_a_prompt_can_outgrow_the_buckets():
-    assert [s.name for s in GRAPHS.specs()] == [
-        "prefill_16",
-        "prefill_32",
-        "prefill_chunk_32",
-        "decode_64",
-        "decode_128",
+def test_a_static_set_compiles_decode_steps_per_batch_bucket_and_prompt_steps_at_the_full_batch():
+    static = GraphSet(4, 128, (16, 32), (64, 128), static=True)
+    assert static.compiled_shapes() == [
+        StepShape(1, 1, 1, 64),
+        StepShape(2, 1, 1, 64),
+        StepShape(4, 1, 1, 64),
+        StepShape(1, 1, 1, 128),
+        StepShape(2, 1, 1, 128),
+        StepShape(4, 1, 1, 128),
+        StepShape(4, 16, 4, 64),
+        StepShape(4, 32, 4, 64),
+        StepShape(4, 16, 4, 128),
+        StepShape(4, 32, 4, 128),
     ]
-    whole = GraphSet(batch_size=4, max_seq_len=33, context_buckets=(16, 32), token_buckets=(33,))
-    assert whole.chunk is None and "prefill_chunk_32" not in [s.name for s in whole.specs()]
+    batch = StepBatch([0], [5], [70], [PromptChunk(1, 0, [1] * 9)])
+    shape, uses = static.step_shape(batch)
+    assert shape == StepShape(4, 16, 4, 128) and shape in static.compiled_shapes()
+    assert uses == [GraphUse("step_decode_4x128", 1, 4), GraphUse("step_prompt_16", 9, 16)]
+    assert static.step_shape(StepBatch([1], [5], [3]))[0] == StepShape(2, 1, 1, 64)
 
 
-def test_a_prompt_takes_the_smallest_bucket_then_chunks_of_the_largest():
-    pieces = GRAPHS.prompt_pieces(list(range(1, 71)))
-    assert [(p.spec.name, p.start, len(p.tokens)) for p in pieces] == [
-        ("prefill_32", 0, 32),
-        ("prefill_chunk_32", 32, 32),
-        ("prefill_chunk_32", 64, 6),
-    ]
-    assert [p.use for p in pieces][-1] == GraphUse("prefill_chunk_32", 6, 32)
-    assert GRAPHS.prompt_pieces([7] * 16)[0].use == GraphUse("prefill_16", 16, 16)
-
-
-@pytest.mark.parametrize("length", [0, 128])
-def test_a_prompt_outside_the_sequence_length_is_refused(length):
-    with pytest.raises(ValueError, match="must be 1 to 127 tokens"):
-        GRAPHS.prompt_pieces([1] * length)
-
-
-def test_decode_runs_at_the_smallest_kv_bucket_that_holds_every_slot():
-    assert GRAPHS.decode_graph([10, 63, 0, 0], active=2) == (GRAPHS.specs()[3], GraphUse("decode_64", 2, 4))
-    spec, _ = GRAPHS.decode_graph([10, 64, 0, 0], active=2)
-    assert spec.name == "decode_128"
+@pytest.mark.parametrize("every_graph", [True, False])
+def test_warm_up_runs_each_compiled_shape_once_or_one_prompt_and_one_decode(every_graph):
+    graphs = GraphSet(4, 128, (16, 32), (64, 128), static=every_graph)
+    shapes = [graphs.step_shape(batch)[0] for batch in graphs.warm_up_batches(every_graph)]
+    if every_graph:
+        assert shapes == graphs.compiled_shapes()
+    else:
+        assert shapes == [StepShape(1, 16, 1, 64), StepShape(1, 1, 1, 64)]
 
 
 def test_a_step_takes_the_smallest_bucket_of_each_dimension():

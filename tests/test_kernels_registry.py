@@ -42,4 +42,6 @@ def test_unavailable_reason_is_one_line_or_none():
 def test_version_parsing():
     assert availability._version_tuple("0.3.0") == (0, 3, 0)
     assert availability._version_tuple("0.10.1rc2") == (0, 10, 1)
-    assert availability._version_tuple("0.2") < availability.MIN_NKI_VERSION
+    # NkiTensor.broadcast, which the kernels use, is new in NKI 0.5 (Neuron SDK 2.31).
+    assert availability._version_tuple("0.4.2") < availability.MIN_NKI_VERSION
+    assert availability._version_tuple("0.5.0") >= availability.MIN_NKI_VERSION

@@ -18,9 +18,7 @@ LLAMA = Path(__file__).resolve().parent.parent / "compile" / "llama-3.1-8b-inf2.
 def test_without_sdk_the_error_names_the_pip_packages(tmp_path):
     assert sdk.missing_packages()
     with pytest.raises(sdk.NeuronUnavailable, match="torch-neuronx") as info:
-        sdk.compile_graphs(
-            load_recipe(LLAMA), lambda key: torch.nn.Identity(), {}, None, tmp_path / "o", tmp_path / "w"
-        )
+        sdk.compile_graphs(load_recipe(LLAMA), torch.nn.Identity, {}, None, tmp_path / "o", tmp_path / "w")
     assert "pip.repos.neuron.amazonaws.com" in str(info.value)
     with pytest.raises(sdk.NeuronUnavailable):
         sdk.load_compiled(tmp_path / "o", tp_degree=1)
@@ -47,7 +45,7 @@ def test_trace_save_load_two_buckets_on_a_neuroncore(tmp_path):
     recipe.target = dataclasses.replace(recipe.target, tp_degree=1)
     recipe.compiler = dataclasses.replace(recipe.compiler, auto_cast="none")  # exact fp32 comparison
     inputs = {"bucket_4": (torch.randn(4, 16),), "bucket_8": (torch.randn(8, 16),)}
-    sdk.compile_graphs(recipe, lambda key: TwoLinear(), inputs, lambda: state, tmp_path / "out", tmp_path / "work")
+    sdk.compile_graphs(recipe, TwoLinear, inputs, lambda: state, tmp_path / "out", tmp_path / "work")
     model = sdk.load_compiled(tmp_path / "out", tp_degree=1)
     for (x,) in inputs.values():  # each shape routes to its own graph
         torch.testing.assert_close(model(x), reference(x))

@@ -9,32 +9,28 @@ at TP 1 and TP 2, against the CPU eager model.
 
 from __future__ import annotations
 
-import sys
-import threading
-import types
 from pathlib import Path
 
+import nxd_stand_in
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import tiny_recipe
+from nxd_stand_in import SpmdWorld, fake_nxd_layers
 from safetensors.torch import save_file
-from torch import nn
 
-from neuron_serve.artifact.manifest import ArtifactManifest, GraphRecord, toolchain_versions, write_manifest
+from neuron_serve.artifact.manifest import ArtifactManifest, toolchain_versions, write_manifest
 from neuron_serve.backends.base import LoadTimes, run_prompt
 from neuron_serve.backends.cpu.runners import EagerRunner
 from neuron_serve.backends.neuron import sdk
 from neuron_serve.backends.neuron.calling_convention import (
+    CACHE_STATES,
     MODEL_PREFIX,
-    RANK_WEIGHT,
-    cache_heads,
+    STEP_INPUTS,
     check_distinct_shapes,
-    gather_heads,
+    example_inputs,
     rank_weights,
-    select_local_heads,
 )
-from neuron_serve.backends.neuron.compile import compile_for_neuron, graph_factory, recipe_example_inputs, recipe_graphs
+from neuron_serve.backends.neuron.compile import compile_for_neuron, graph_factory, recipe_graphs
 from neuron_serve.backends.neuron.cores import visible_core_count
 from neuron_serve.backends.neuron.parallel_model import (
     LayerReducedTensorParallel,
@@ -51,8 +47,6 @@ from neuron_serve.weights.loaded import LoadedModel
 from neuron_serve.weights.loader import build_model
 from neuron_serve.weights.tiny import TINY_CONFIG, random_state_dict
 
-# LlamaModel.group (query heads per KV head, for the prompt mask) is computed from the global head
-# counts; with replicated KV heads (fewer than ranks) each rank's ratio differs from it.
 PROMPTS = {16: list(range(3, 14)), 32: list(range(40, 70)), "chunked": [(i * 11) % 380 + 2 for i in range(90)]}
 
 
@@ -68,105 +62,10 @@ def tiny_config(**hf_overrides) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     return ModelConfig.from_hf(hf), state
 
 
-class SpmdWorld:
-    """NxD's SPMD execution, emulated on the CPU: one thread per rank runs the same graph, and the
-    parallel layers' collectives meet at a barrier (with a timeout, so a failing rank cannot hang)."""
-
-    def __init__(self, degree: int):
-        self.degree = degree
-        self.local = threading.local()
-        self.barrier = threading.Barrier(degree, timeout=60)
-        self.slots: list = [None] * degree
-
-    def exchange(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Every rank's ``x``, in rank order."""
-        self.slots[getattr(self.local, "rank", 0)] = x
-        self.barrier.wait()
-        parts = list(self.slots)
-        self.barrier.wait()
-        return parts
-
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.degree == 1 else torch.stack(self.exchange(x)).sum(0)
-
-    def gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.degree == 1 else torch.cat(self.exchange(x), dim=-1)
-
-    def run(self, per_rank) -> list:
-        results, errors = [None] * self.degree, []
-
-        def work(rank: int) -> None:
-            self.local.rank = rank
-            try:
-                with torch.inference_mode():
-                    results[rank] = per_rank(rank)
-            except Exception as error:  # re-raised below, in the caller's thread
-                errors.append(error)
-                self.barrier.abort()
-
-        threads = [threading.Thread(target=work, args=(rank,)) for rank in range(self.degree)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if errors:
-            raise errors[0]
-        return results
-
-
-def fake_nxd_layers(world: SpmdWorld):
-    """Stand-ins with NxD's constructor signatures, partition attributes and forward semantics
-    (parallel_layers.layers): column weight (and bias, without gather) split on dim 0; row weight
-    split on dim 1, output all-reduced, then the whole bias added."""
-
-    def mark(param: nn.Parameter, dim: int) -> None:
-        param.tensor_model_parallel, param.partition_dim = True, dim
-
-    class ColumnParallelLinear(nn.Linear):
-        def __init__(self, input_size, output_size, bias=True, gather_output=True, dtype=torch.float32):
-            super().__init__(input_size, output_size // world.degree, bias=bias, dtype=dtype)
-            assert not gather_output
-            mark(self.weight, 0)
-            if bias:
-                mark(self.bias, 0)
-
-    class RowParallelLinear(nn.Linear):
-        def __init__(self, input_size, output_size, bias=True, input_is_parallel=False, dtype=torch.float32):
-            super().__init__(input_size // world.degree, output_size, bias=bias, dtype=dtype)
-            assert input_is_parallel
-            mark(self.weight, 1)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            out = world.all_reduce(F.linear(x, self.weight))
-            return out if self.bias is None else out + self.bias
-
-    return ColumnParallelLinear, RowParallelLinear
-
-
 @pytest.fixture
 def emulated_nxd(monkeypatch):
-    """Install CPU stand-ins for the ``neuronx_distributed`` modules our code imports; returns a
-    function that points them at a new SpmdWorld of the given degree."""
-
-    class SPMDRank(nn.Module):
-        def __init__(self, world_size: int):
-            super().__init__()
-            self.rank = nn.Parameter(torch.zeros(1, dtype=torch.int32), requires_grad=False)
-
-    package, parallel_layers = types.ModuleType("neuronx_distributed"), types.ModuleType("parallel_layers")
-    layers, mappings = types.ModuleType("layers"), types.ModuleType("mappings")
-    package.parallel_layers, parallel_layers.layers, parallel_layers.mappings = parallel_layers, layers, mappings
-    modules = {"": package, ".parallel_layers": parallel_layers, ".parallel_layers.layers": layers}
-    for name, module in {**modules, ".parallel_layers.mappings": mappings}.items():
-        monkeypatch.setitem(sys.modules, "neuronx_distributed" + name, module)
-
-    def world_of(degree: int) -> SpmdWorld:
-        world = SpmdWorld(degree)
-        layers.ColumnParallelLinear, layers.RowParallelLinear = fake_nxd_layers(world)
-        layers.SPMDRank, mappings.gather_from_tensor_model_parallel_region = SPMDRank, world.gather_last_dim
-        return world
-
-    return world_of
+    """Installs the NxD stand-in (``nxd_stand_in.py``) for a TP world of the given degree."""
+    return lambda degree: nxd_stand_in.install(monkeypatch, degree)
 
 
 # ---------------------------------------------------------------- the parallel model
@@ -190,7 +89,6 @@ def test_fewer_kv_heads_than_ranks_replicates_one_head_per_rank():
     config, _ = tiny_config()  # 2 KV heads over 4 ranks
     plan = {spec.name: spec for spec in parallel_linear_plan(LlamaModel(config, 8, LayerReducedTensorParallel(4, 0)))}
     assert plan["layers.0.self_attn.v_proj"].output_size == 4 * config.head_dim
-    assert cache_heads(config, 4) == 4 and cache_heads(config, 2) == 2 and cache_heads(config, 1) == 2
 
 
 def test_the_model_reduces_only_in_its_layers():
@@ -241,32 +139,24 @@ def test_our_shards_are_what_nxd_would_shard(degree, hf):
             if getattr(param, "tensor_model_parallel", False):  # NxD: split evenly, take this rank's part
                 expected = expected.chunk(degree, dim=param.partition_dim)[rank]
             assert torch.equal(weights[MODEL_PREFIX + name], expected), (rank, name)
-        assert weights[RANK_WEIGHT].tolist() == [rank] and weights[RANK_WEIGHT].dtype == torch.int32
 
 
 # ---------------------------------------------------------------- the graphs' calling convention
 
 
-def test_every_graph_has_its_own_input_shapes():
-    config, _ = tiny_config()
-    inputs = recipe_example_inputs(neuron_recipe(tp=2), config)
-    assert list(inputs) == ["prefill_16", "prefill_32", "prefill_chunk_32", "decode_64", "decode_128"]
-    layers, hd = config.num_hidden_layers, config.head_dim
-    assert [tuple(t.shape) for t in inputs["decode_64"]] == [(4,), (4,), (layers, 4, 2, 64, hd), (layers, 4, 2, 64, hd)]
-    assert tuple(inputs["prefill_chunk_32"][3].shape) == (layers, 2, 128, hd)
-    assert all(t.dtype == torch.int32 for t in (*inputs["prefill_16"], *inputs["decode_128"][:2]))
+def test_every_graph_takes_one_argument_list_and_its_own_shapes():
+    graphs = recipe_graphs(neuron_recipe(tp=2))  # batch 4, context (16, 32), KV (64, 128)
+    inputs = example_inputs(graphs)
+    decode_only = [f"step_{rows}x1x1x{kv}" for kv in (64, 128) for rows in (1, 2, 4)]
+    with_prompts = [f"step_4x{tokens}x4x{kv}" for kv in (64, 128) for tokens in (16, 32)]
+    assert list(inputs) == decode_only + with_prompts
+    assert {len(tensors) for tensors in inputs.values()} == {len(STEP_INPUTS)}
+    assert all(t.dtype == torch.int32 for tensors in inputs.values() for t in tensors)
+    # P segments and cached lengths, L key positions (the KV bucket), S + P writes
+    shapes = [[4], [4], [16], [16], [1], [16], [16], [128], [4], [20], [20]]
+    assert [list(t.shape) for t in inputs["step_4x16x4x128"]] == shapes
     with pytest.raises(ValueError, match="graphs a and b take the same input shapes"):
-        check_distinct_shapes({"a": inputs["decode_64"], "b": tuple(t.clone() for t in inputs["decode_64"])})
-
-
-def test_each_rank_selects_its_heads_and_the_gather_restores_the_global_order():
-    cache = torch.arange(2 * 4 * 3).view(2, 4, 3).float()  # [slots, 4 heads (2 ranks x 2), positions]
-    per_rank = [select_local_heads(cache, 1, torch.tensor([rank], dtype=torch.int32), 2) for rank in range(2)]
-    assert torch.equal(per_rank[1], cache[:, 2:4])
-    # all_gather on the last dimension, in rank order, as NxD's gather_from_tensor_model_parallel_region
-    keys = [part.transpose(1, 2).unsqueeze(-1) for part in per_rank]  # [slots, positions, 2 heads, hd=1]
-    gathered = gather_heads(keys[0], lambda x: torch.cat([k.reshape(x.shape) for k in keys], dim=-1))
-    assert torch.equal(gathered, cache.transpose(1, 2).unsqueeze(-1))
+        check_distinct_shapes({"a": inputs["step_1x1x1x64"], "b": inputs["step_1x1x1x64"]})
 
 
 def test_visible_cores_must_match_the_tp_degree(monkeypatch):
@@ -285,16 +175,41 @@ def test_the_graphs_never_leave_the_device(emulated_nxd):
     tensors. The meta device fails loudly on both, so every graph must run on it."""
     emulated_nxd(1)
     recipe, (config, _) = neuron_recipe(), tiny_config()
-    factory = graph_factory(recipe, config)
-    for name, inputs in recipe_example_inputs(recipe, config).items():
+    module = graph_factory(recipe, config)().to("meta")
+    for inputs in example_inputs(recipe_graphs(recipe)).values():
         with torch.no_grad():
-            factory(name).to("meta")(*(t.to("meta") for t in inputs))
+            logits, k_cache, v_cache = module(*(t.to("meta") for t in inputs))
+        assert (k_cache.shape, v_cache.dtype) == (module.k_cache.shape, module.v_cache.dtype), "aliased in place"
+
+
+@pytest.mark.parametrize(("tp", "local_heads"), [(1, 2), (2, 1), (4, 1)], ids=["tp1", "tp2", "tp4-replicated"])
+def test_each_rank_holds_only_its_own_kv_heads(emulated_nxd, tp, local_heads):
+    emulated_nxd(tp)
+    config, _ = tiny_config()  # 2 KV heads
+    module = graph_factory(neuron_recipe(tp), config)()
+    shape = (config.num_hidden_layers, 4 + 1, local_heads, 128, config.head_dim)  # 4 slots and the scratch row
+    assert tuple(module.k_cache.shape) == tuple(module.v_cache.shape) == shape
+    assert module.cache_aliases() == {module.k_cache: 1, module.v_cache: 2}
+    assert [name for name, _ in module.named_parameters() if "cache" in name] == list(CACHE_STATES)
+
+
+def test_the_shipped_llama_recipe_holds_one_eighth_of_the_kv_cache_per_core(monkeypatch):
+    from neuron_serve.recipe.files import load_recipe
+
+    recipe = load_recipe(Path(__file__).resolve().parent.parent / "compile" / "llama-3.1-8b-inf2.48xlarge.toml")
+    hf = {**TINY_CONFIG, "hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 8}
+    hf.update(intermediate_size=14336, num_hidden_layers=32, vocab_size=128256)
+    nxd_stand_in.install(monkeypatch, recipe.target.tp_degree)
+    with torch.device("meta"):
+        module = graph_factory(recipe, ModelConfig.from_hf(hf))()
+    assert tuple(module.k_cache.shape) == (32, recipe.shapes.batch_size + 1, 8 // 8, 4096, 128)
+    assert module.k_cache.dtype == torch.bfloat16
 
 
 # ---------------------------------------------------------------- the runner, on the CPU
 
 
-def write_artifact(directory: Path, recipe, loaded, graphs: list[GraphRecord] | None = None) -> ArtifactManifest:
+def write_artifact(directory: Path, recipe, loaded) -> ArtifactManifest:
     """An artifact as `compile_recipe` lays it out: our weight shards, then the graphs."""
     degree, weights = recipe.target.tp_degree, []
     (directory / "weights").mkdir(parents=True)
@@ -302,33 +217,10 @@ def write_artifact(directory: Path, recipe, loaded, graphs: list[GraphRecord] | 
         shard = stored_shard(loaded.config, loaded.state_dict, degree, rank)
         save_file(shard, directory / "weights" / f"rank{rank}.safetensors")
         weights.append(f"weights/rank{rank}.safetensors")
-    if graphs is None:
-        graphs = compile_for_neuron(recipe, loaded.config, directory)
+    graphs = compile_for_neuron(recipe, loaded.config, directory)
     manifest = ArtifactManifest(recipe, loaded.config, {}, toolchain_versions(), weights, graphs)
     write_manifest(directory, manifest)
     return manifest
-
-
-class CpuRoutedModel:
-    """What `sdk.load_compiled` returns, on the CPU: per graph, one module per rank, built by the
-    compile step's factory (with the default, here emulated, NxD layers) and given that rank's
-    weights by name; a call goes to the graph whose input shapes it has, as NxD's router does, and
-    returns rank 0's outputs."""
-
-    EXTRA_WEIGHTS = {MODEL_PREFIX + "rope_cos", MODEL_PREFIX + "rope_sin"}  # buffers, not parameters
-
-    def __init__(self, recipe, config: ModelConfig, weights: list[dict[str, torch.Tensor]], world: SpmdWorld):
-        factory, self.world, self.graphs = graph_factory(recipe, config), world, {}
-        for name, inputs in recipe_example_inputs(recipe, config).items():
-            modules = [factory(name) for _ in weights]
-            for module, its_weights in zip(modules, weights, strict=True):
-                missing, unexpected = module.load_state_dict(its_weights, strict=False)
-                assert not missing and set(unexpected) <= self.EXTRA_WEIGHTS, (missing, unexpected)
-            self.graphs[str([list(t.shape) for t in inputs])] = modules
-
-    def __call__(self, *inputs: torch.Tensor):
-        modules = self.graphs[str([list(t.shape) for t in inputs])]
-        return self.world.run(lambda rank: modules[rank](*inputs))[0]
 
 
 @pytest.mark.parametrize(
@@ -341,38 +233,37 @@ class CpuRoutedModel:
     ],
     ids=["tp1", "tp2", "tp2-biases-tied", "tp4-replicated-kv"],
 )
-def test_the_runner_matches_the_eager_model_in_every_bucket(tmp_path, emulated_nxd, tp, hf):
+def test_compiled_and_loaded_through_model_builder_the_runner_matches_the_eager_model(tmp_path, emulated_nxd, tp, hf):
+    """compile_for_neuron and NeuronRunner through the ModelBuilder stand-in: one traced signature, the
+    router, the cache as states. Every step of the engine's kinds goes through the same call."""
     config, state = tiny_config(**hf)
-    loaded, recipe, world = LoadedModel(config, state, None, tmp_path), neuron_recipe(tp), emulated_nxd(tp)
-    graphs = [
-        GraphRecord(name, spec.kind, spec.bucket, "graphs/nxd_model.pt", 0.0, 0, "", False)
-        for name, spec in recipe_graphs(recipe).items()
-    ]
-    manifest = write_artifact(tmp_path / "artifact", recipe, loaded, graphs)
-
-    def load(graphs_dir: Path, degree: int, weights):
-        assert graphs_dir == tmp_path / "artifact" / "graphs" and degree == tp
-        return CpuRoutedModel(recipe, config, weights, world)
-
-    runner = NeuronRunner(tmp_path / "artifact", manifest, LoadTimes(), load=load)
-    assert runner.cache.keys.shape[2] == cache_heads(config, tp)
+    loaded, recipe = LoadedModel(config, state, None, tmp_path), neuron_recipe(tp)
+    emulated_nxd(tp)
+    manifest = write_artifact(tmp_path / "artifact", recipe, loaded)
+    assert [g.name for g in manifest.graphs] == list(example_inputs(recipe_graphs(recipe)))
+    runner = NeuronRunner(tmp_path / "artifact", manifest, LoadTimes())
     compare_with_eager(runner, loaded, recipe, tolerance=1e-4)
+    calls = runner.model.nxd_model.calls
+    largest = max(t.numel() for call in calls for t in call)
+    assert largest <= 128, "no call carries the KV cache, nor a mask: the largest input is the KV positions"
+    assert {len(call) for call in calls} == {len(STEP_INPUTS)}
 
 
 def compare_with_eager(runner, loaded, recipe, tolerance: float) -> None:
     eager = EagerRunner(build_model(loaded, recipe.shapes.max_seq_len), runner.graphs)
-    graphs_run = set()
-    for slot, prompt in enumerate(PROMPTS.values()):  # a whole prompt per step: the neuron family cuts it
-        ours = runner.step(StepBatch(chunks=[PromptChunk(slot, 0, prompt)]))
-        torch.testing.assert_close(ours.logits[0], run_prompt(eager, prompt, slot), atol=tolerance, rtol=0)
-        graphs_run |= {use.graph for use in ours.uses}
-    assert graphs_run == {"prefill_16", "prefill_32", "prefill_chunk_32"}
-    for positions in ([11, 30, 50], [70, 30, 100]):  # decode_64, then decode_128
+    for slot, prompt in enumerate(PROMPTS.values()):  # whole prompts, the longest over two steps
+        torch.testing.assert_close(
+            run_prompt(runner, prompt, slot), run_prompt(eager, prompt, slot), atol=tolerance, rtol=0
+        )
+    for positions in ([11, 30, 50], [70, 30, 100]):  # KV bucket 64, then 128
         batch = StepBatch([0, 1, 2], [7, 8, 9], positions)
-        ours = runner.step(batch)
-        torch.testing.assert_close(ours.logits, eager.step(batch).logits, atol=tolerance, rtol=0)
-        graphs_run |= {use.graph for use in ours.uses}
-    assert {"decode_64", "decode_128"} <= graphs_run
+        torch.testing.assert_close(runner.step(batch).logits, eager.step(batch).logits, atol=tolerance, rtol=0)
+    # decode rows beside a new prompt and a continued one, in one step (a static prompt graph at full batch)
+    mixed = StepBatch([0, 2], [5, 6], [101, 51], [PromptChunk(1, 30, [4, 5, 6]), PromptChunk(3, 0, [9] * 7)])
+    ours, theirs = runner.step(mixed), eager.step(mixed)
+    torch.testing.assert_close(ours.logits, theirs.logits, atol=tolerance, rtol=0)
+    after = StepBatch([0, 1, 2, 3], [1, 2, 3, 4], [102, 33, 52, 7])  # reads every row the mixed step wrote
+    torch.testing.assert_close(runner.step(after).logits, eager.step(after).logits, atol=tolerance, rtol=0)
 
 
 @pytest.mark.skipif(sdk.is_available(), reason="the Neuron SDK is installed here")
@@ -395,5 +286,6 @@ def test_tiny_model_compiled_for_neuron_matches_the_cpu(tmp_path, tiny_loaded, t
     recipe = neuron_recipe(tp)
     manifest = write_artifact(tmp_path / "tiny-neuron", recipe, tiny_loaded)
     assert {Path(g.file).name for g in manifest.graphs} == {"nxd_model.pt"}
+    assert [g.name for g in manifest.graphs] == list(example_inputs(recipe_graphs(recipe)))
     runner = NeuronRunner(tmp_path / "tiny-neuron", manifest, LoadTimes())
     compare_with_eager(runner, tiny_loaded, recipe, tolerance=1e-2)

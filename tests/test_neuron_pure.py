@@ -25,6 +25,7 @@ def test_flags_for_the_llama_example():
         "--auto-cast=matmult",
         "--auto-cast-type=bf16",
         "-O2",
+        "--enable-saturate-infinity",
         "--enable-fast-loading-neuron-binaries",
     ]
 
@@ -45,6 +46,7 @@ def test_flags_follow_the_compiler_section_and_extra_flags_come_last():
         "--model-type=transformer",
         "--auto-cast=none",
         "-O3",
+        "--enable-saturate-infinity",
         "--auto-cast=all",
         "--verbose=info",
     ]

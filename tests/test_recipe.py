@@ -254,6 +254,16 @@ def test_kernel_names_come_from_nki_kernels(monkeypatch):
     ]
 
 
+def test_on_neuron_the_decode_attention_kernel_needs_kv_buckets_in_its_blocks():
+    d = with_(neuron_dict(), "kernels.enabled", ["decode_attention", "rmsnorm_residual"])
+    recipe_from_dict(with_(d, "shapes.token_buckets", [512, 1024, 4096]))
+    assert errors_of(with_(d, "shapes.token_buckets", [512, 1000, 4096])) == [
+        "shapes.token_buckets: the NKI 'decode_attention' kernel reads the cache in blocks of 512 keys, so "
+        "every KV bucket must be a multiple of 512; got [1000]"
+    ]
+    recipe_from_dict(with_(cpu_dict(), "kernels.enabled", ["decode_attention"]))  # KV buckets 64 and 128: fine on cpu
+
+
 def test_invalid_toml_is_a_recipe_error(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text("name = \n")

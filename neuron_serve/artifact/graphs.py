@@ -1,12 +1,12 @@
-"""The graph set of a recipe: which static-shape graphs exist, their names, and which one runs a call.
+"""The graph set of a recipe: which static-shape step graphs exist, and which one runs a step.
 
-Two families, both static-shape, chosen here once:
-
-- the **step** graph (``model/step.py``): decode rows, packed prompt tokens and a KV length per call,
-  each rounded up to a bucket by `step_shape`. The cpu backend runs every step through it;
-- the **prefill / prefill_chunk / decode** graphs (`specs`, `prompt_pieces`, `decode_graph`): a prompt
-  from position 0 per context bucket, its continuation, and a full-batch decode per KV bucket, as NxD
-  Inference's context-encoding and token-generation models; the neuron backend compiles these.
+Every backend runs an engine step (``model/step.py``: decode rows, packed prompt tokens, a KV length)
+through the step graph, each dimension rounded up to a bucket by `step_shape`. The cpu backend
+compiles one graph with dynamic shapes that covers every bucket (`step_bounds`). A compiler without
+dynamic shapes (neuronx-cc) builds each shape as its own graph, so a ``static`` graph set keeps the
+product small (`compiled_shapes`): decode-only steps per (batch bucket, KV bucket), as NxD Inference's
+token-generation models, and steps with prompts at the full batch per (context bucket, KV bucket),
+its context-encoding models with the running streams' decode tokens alongside.
 
 Each choice also says how many of the graph's token slots were real, so the padding statistics are
 counted where the bucket is chosen (`GraphUse`).
@@ -17,21 +17,11 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
-from neuron_serve.model.step import StepBatch, StepShape
+from neuron_serve.model.step import PromptChunk, StepBatch, StepShape
 from neuron_serve.recipe.schema import ShapesSection
 
-PREFILL, PREFILL_CHUNK, DECODE, STEP = "prefill", "prefill_chunk", "decode", "step"
+STEP = "step"
 MAX_PROMPTS_PER_STEP = 8  # each prompt of a step costs one lm_head row, wasted in steps that finish none
-
-
-@dataclass(frozen=True)
-class GraphSpec:
-    kind: str  # PREFILL | PREFILL_CHUNK | DECODE
-    bucket: int  # prompt length (prefill kinds) or KV length attended over (decode)
-
-    @property
-    def name(self) -> str:
-        return f"{self.kind}_{self.bucket}"
 
 
 @dataclass(frozen=True)
@@ -44,19 +34,6 @@ class GraphUse:
 
 
 @dataclass(frozen=True)
-class PromptPiece:
-    """Part of a prompt and the graph that runs it: `tokens` go to positions start..start+len-1."""
-
-    spec: GraphSpec
-    start: int
-    tokens: list[int]
-
-    @property
-    def use(self) -> GraphUse:
-        return GraphUse(self.spec.name, len(self.tokens), self.spec.bucket)
-
-
-@dataclass(frozen=True)
 class GraphSet:
     batch_size: int
     max_seq_len: int
@@ -64,6 +41,7 @@ class GraphSet:
     token_buckets: tuple[int, ...]  # KV lengths attention reads
     batch_buckets: tuple[int, ...] = ()  # decode rows of a step; () = powers of two up to batch_size
     token_budget: int = 0  # tokens of one step, decode and prompt; 0 = batch_size + the largest context bucket
+    static: bool = False  # each shape its own graph (`compiled_shapes`), not one dynamic-shape graph
 
     def __post_init__(self):
         if not self.batch_buckets:
@@ -72,10 +50,10 @@ class GraphSet:
             object.__setattr__(self, "token_budget", self.batch_size + self.context_buckets[-1])
 
     @classmethod
-    def from_shapes(cls, shapes: ShapesSection) -> GraphSet:
+    def from_shapes(cls, shapes: ShapesSection, static: bool = False) -> GraphSet:
         context, token = tuple(sorted(shapes.context_buckets)), tuple(sorted(shapes.token_buckets))
         batch = tuple(sorted(shapes.batch_buckets))
-        return cls(shapes.batch_size, shapes.max_seq_len, context, token, batch, shapes.token_budget)
+        return cls(shapes.batch_size, shapes.max_seq_len, context, token, batch, shapes.token_budget, static)
 
     @property
     def max_prompts(self) -> int:
@@ -100,10 +78,13 @@ class GraphSet:
         prompt tokens, prompts (a power of two: each is an lm_head row), and the KV length that holds every
         decode position and the continued prompt's cached tokens. A step without prompts runs one
         pad token in their place (NxD Inference's token-generation graph), a step without decodes
-        one pad row (its context-encoding graph)."""
+        one pad row (its context-encoding graph). In a static set a step with prompts takes every
+        decode row and prompt row (`compiled_shapes`)."""
         rows = _bucket(self.batch_buckets, max(batch.decode_slots, default=0) + 1)
         prompt_tokens = _bucket(self.context_buckets, batch.prompt_tokens) if batch.chunks else 1
         prompts = _bucket(power_of_two_buckets(self.max_prompts, 1), max(1, len(batch.chunks)))
+        if self.static and batch.chunks:
+            rows, prompts = self.batch_size, self.max_prompts
         continued = batch.continued
         needed = max([p + 1 for p in batch.decode_positions] + [continued.start if continued else 1])
         kv_len = _bucket(self.token_buckets, needed)
@@ -115,46 +96,35 @@ class GraphSet:
             uses.append(GraphUse(f"{STEP}_prompt_{prompt_tokens}", batch.prompt_tokens, prompt_tokens))
         return shape, uses
 
-    @property
-    def chunk(self) -> GraphSpec | None:
-        """The graph for the rest of a prompt longer than the largest context bucket, when one can be."""
-        largest = self.context_buckets[-1]
-        return GraphSpec(PREFILL_CHUNK, largest) if largest < self.max_seq_len - 1 else None
+    def compiled_shapes(self) -> list[StepShape]:
+        """A static graph set's graphs: decode-only steps (one pad prompt token) per batch and KV
+        bucket, then steps with prompts, at the full batch and every prompt row, per context and KV
+        bucket. A dynamic set compiles one graph that covers all of them (`step_bounds`)."""
+        return self._decode_shapes() + self._prompt_shapes()
 
-    def specs(self) -> list[GraphSpec]:
-        prefills = [GraphSpec(PREFILL, b) for b in self.context_buckets]
-        chunks = [self.chunk] if self.chunk else []
-        return prefills + chunks + [GraphSpec(DECODE, b) for b in self.token_buckets]
+    def _decode_shapes(self) -> list[StepShape]:
+        return [StepShape(rows, 1, 1, kv) for kv in self.token_buckets for rows in self.batch_buckets]
 
-    def warm_up_calls(self, every_graph: bool) -> tuple[list[int], list[int]]:
-        """(prompt lengths, decode KV buckets) that run every graph once, or just the first of each."""
+    def _prompt_shapes(self) -> list[StepShape]:
+        return [
+            StepShape(self.batch_size, tokens, self.max_prompts, kv)
+            for kv in self.token_buckets
+            for tokens in self.context_buckets
+        ]
+
+    def warm_up_batches(self, every_graph: bool) -> list[StepBatch]:
+        """Steps that run each compiled shape once (`every_graph`, as NxD Inference warms up every
+        graph before serving), or else one prompt step and one decode step. Their tokens are pads:
+        the cache positions they write are rewritten before anything reads them."""
         if not every_graph:
-            return [self.context_buckets[0]], [self.token_buckets[0]]
-        chunked = [self.chunk.bucket + 1] if self.chunk else []  # one token past the largest bucket
-        return [*self.context_buckets, *chunked], list(self.token_buckets)
-
-    def prompt_pieces(self, tokens: list[int], start: int = 0) -> list[PromptPiece]:
-        """Prompt tokens for positions start.. as graph calls: from position 0, the smallest context
-        bucket that holds the prompt's start; after it, chunks of the largest bucket."""
-        if start == 0:
-            self.check_prompt(tokens)
-        elif start + len(tokens) >= self.max_seq_len:
-            raise ValueError(f"prompt of {start + len(tokens)} tokens: must be 1 to {self.max_seq_len - 1} tokens")
-        largest = self.context_buckets[-1]
-        pieces = []
-        if start == 0:
-            first = tokens[:largest]
-            bucket = self.context_buckets[bisect.bisect_left(self.context_buckets, len(first))]
-            pieces.append(PromptPiece(GraphSpec(PREFILL, bucket), 0, first))
-        for offset in range(len(pieces[0].tokens) if pieces else 0, len(tokens), largest):
-            pieces.append(PromptPiece(self.chunk, start + offset, tokens[offset : offset + largest]))
-        return pieces
-
-    def decode_graph(self, positions: list[int], active: int) -> tuple[GraphSpec, GraphUse]:
-        """The smallest KV bucket that holds every slot's position; `active` of the slots are busy."""
-        longest = max(positions) + 1
-        spec = GraphSpec(DECODE, self.token_buckets[bisect.bisect_left(self.token_buckets, longest)])
-        return spec, GraphUse(spec.name, active, self.batch_size)
+            prompt = StepBatch(chunks=[PromptChunk(0, 0, [0] * self.context_buckets[0])])
+            return [prompt, StepBatch([0], [0], [self.token_buckets[0] - 1])]
+        batches = [StepBatch([s.decode_rows - 1], [0], [s.kv_len - 1]) for s in self._decode_shapes()]
+        for s in self._prompt_shapes():
+            batches.append(
+                StepBatch([s.decode_rows - 1], [0], [s.kv_len - 1], [PromptChunk(0, 0, [0] * s.prompt_tokens)])
+            )
+        return batches
 
 
 def _bucket(buckets: tuple[int, ...], size: int) -> int:

@@ -72,6 +72,13 @@ def run_decode(runner: Runner, slots: list[int], tokens: list[int], positions: l
     return runner.step(StepBatch(list(slots), list(tokens), list(positions))).logits
 
 
+def warm_up(runner: Runner, every_graph: bool) -> None:
+    """Run the first steps, so that the first requests are as fast as the later ones: every compiled
+    graph once (`every_graph`), or one prompt step and one decode step (`GraphSet.warm_up_batches`)."""
+    for batch in runner.graphs.warm_up_batches(every_graph):
+        runner.step(batch)
+
+
 @dataclass
 class CompileJob:
     """What a backend compiles from: the recipe, the model, this compile's weight shards

@@ -3,8 +3,14 @@
 Layout ``[layers, slots, kv_heads, max_seq_len, head_dim]``, one tensor for keys and one for values,
 as NxD Inference lays out a rank's cache: a slot's row is contiguous per layer and head, so a decode
 step reads ``[..., :kv_len, :]`` of it as one strided block. The model's forwards only read the cache
-and return the keys and values they made; the runner stores them with `store` (a step's kept rows)
-or `store_prompt` (a prompt graph's), which keeps every compiled graph a pure function.
+and return the keys and values they made. Where the cache lives:
+
+- on the host (cpu): the runner stores what is real of them with `store`, so the compiled graph is a
+  pure function;
+- on the device (neuron): the cache is state of the graph, which returns it `written` and whose
+  outputs alias it, so the write happens in place. Such a cache has one more slot than the batch
+  (`device_slots`): the scratch row where a step's pad rows write, as NxD Inference's
+  ``kv_cache_padding_size`` garbage row.
 """
 
 from __future__ import annotations
@@ -46,15 +52,24 @@ class KVCache:
         """Keys and values together."""
         return 2 * math.prod(cls.shape(config, slots, max_seq_len, kv_heads)) * dtype.itemsize
 
-    def row(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One slot's keys and values, [layers, kv_heads, max_seq_len, head_dim] each (views)."""
-        return self.keys[:, slot], self.values[:, slot]
+    @staticmethod
+    def device_slots(batch_size: int) -> int:
+        """Slots of a cache its graphs write themselves: one per sequence, then the scratch row."""
+        return batch_size + 1
 
-    def store_prompt(self, slot: int, start: int, keys: torch.Tensor, values: torch.Tensor, count: int) -> None:
-        """Store the first `count` positions of a prefill's keys/values ([layers, 1, T, kv_heads, hd])
-        into `slot` from position `start` on."""
-        self.keys[:, slot, :, start : start + count] = keys[:, 0, :count].transpose(1, 2)
-        self.values[:, slot, :, start : start + count] = values[:, 0, :count].transpose(1, 2)
+    @staticmethod
+    def written(cache: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """`cache` with new keys or values ([layers, N, kv_heads, hd]) at (slots[n], positions[n]), as a
+        new tensor (a traced graph returns it; its alias makes the write in place on the device). Every
+        dimension is indexed, so the write is one scatter of N rows per layer and head."""
+        layers, _, heads, _, _ = cache.shape
+        index = (
+            torch.arange(layers, device=cache.device).view(-1, 1, 1),
+            slots.view(1, -1, 1),
+            torch.arange(heads, device=cache.device).view(1, 1, -1),
+            positions.view(1, -1, 1),
+        )
+        return cache.index_put(index, new)
 
     def store(self, slots: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store a step's kept keys/values ([layers, N, kv_heads, hd]), the n-th at (slots[n], positions[n])."""

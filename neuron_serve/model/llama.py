@@ -8,7 +8,9 @@ q/k/v/o and gate/up/down stay separate linear layers: the tensor-parallel split 
 column- or row-wise (see ``sharding.py``).
 
 `kernels` names the fused kernels of ``nki_kernels`` to use in place of the plain ops (a recipe's
-``[kernels] enabled``); with none, the forwards are plain PyTorch ops. "sampling" is the engine's.
+``[kernels] enabled``), and `kernel_device` which implementation (`nki_kernels.registry`: the CPU
+tiled versions, or the NKI kernels for a NeuronCore); with none, the forwards are plain PyTorch ops.
+"sampling" is the engine's.
 """
 
 from __future__ import annotations
@@ -25,14 +27,15 @@ from neuron_serve.model.parallel import TensorParallel
 from neuron_serve.model.quantization import linear_group
 from neuron_serve.model.rope import rope_tables
 from nki_kernels.reference import apply_rope
+from nki_kernels.registry import Kernels
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float, fused: bool = False):
+    def __init__(self, size: int, eps: float, fused: Kernels | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
-        self.fused = fused  # the rmsnorm_residual kernel
+        self.fused = (fused or Kernels()).rmsnorm_residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
@@ -41,21 +44,21 @@ class RMSNorm(nn.Module):
     def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(normed, new_residual): a sublayer's output `x` added to the residual stream (None before
         the first sublayer: the stream is `x` itself), and the new stream normed."""
-        if self.fused:
-            return nki_kernels.rmsnorm_residual(x, residual, self.weight, self.eps)
+        if self.fused is not None:
+            return self.fused(x, residual, self.weight, self.eps)
         stream = x if residual is None else x + residual
         return self(stream), stream
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, tp: TensorParallel, fused_qkv: bool = False):
+    def __init__(self, config: ModelConfig, tp: TensorParallel, fused: Kernels | None = None):
         super().__init__()
         hd = config.head_dim
         self.head_dim = hd
         self.n_heads = config.num_attention_heads // tp.degree
         self.n_kv_heads = tp.local_kv_heads(config.num_key_value_heads)
         self.tp = tp
-        self.fused_qkv = fused_qkv  # the qkv_rope kernel
+        self.fused = fused or Kernels()
         self.q_proj = Linear(config.hidden_size, self.n_heads * hd, bias=config.qkv_bias)
         self.k_proj = Linear(config.hidden_size, self.n_kv_heads * hd, bias=config.qkv_bias)
         self.v_proj = Linear(config.hidden_size, self.n_kv_heads * hd, bias=config.qkv_bias)
@@ -64,7 +67,7 @@ class Attention(nn.Module):
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [B, T, H] -> q [B, T, heads, hd], k and v [B, T, kv_heads, hd], RoPE applied to q and k."""
         b, t, _ = x.shape
-        if self.fused_qkv:
+        if self.fused.qkv_rope is not None:
             return self._project_fused(x, cos, sin)
         q, k, v = linear_group(x, (self.q_proj, self.k_proj, self.v_proj))
         q = q.reshape(b, t, self.n_heads, self.head_dim)
@@ -75,7 +78,7 @@ class Attention(nn.Module):
     def _project_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         b, t, h = x.shape
         hd = self.head_dim
-        q, k, v = nki_kernels.qkv_rope(
+        q, k, v = self.fused.qkv_rope(
             x.reshape(b * t, h),
             self.q_proj.weight,
             self.k_proj.weight,
@@ -111,7 +114,7 @@ class Attention(nn.Module):
         heads, hd], k/v [1, T, kv_heads, hd] (the prompt's own); query i sees keys 0..i."""
         _, t, _, hd = q.shape
         q, k, v = (x[0].transpose(0, 1) for x in (q, k, v))  # heads first: [heads, T, hd]
-        out = nki_kernels.prefill_attention(q, k, v, 0, hd**-0.5)
+        out = self.fused.prefill_attention(q, k, v, 0, hd**-0.5)
         return out.transpose(0, 1).reshape(1, t, -1)
 
     def attend_decode(self, q, k, v, k_cache: torch.Tensor, v_cache: torch.Tensor, bias: torch.Tensor):
@@ -136,7 +139,7 @@ class Attention(nn.Module):
         (lse = -inf, no cached keys), whose output is then its own value."""
         s, _, _, hd = q.shape
         scale = hd**-0.5
-        cached, lse = nki_kernels.decode_attention(q[:, 0], k_cache, v_cache, positions, scale, return_lse=True)
+        cached, lse = self.fused.decode_attention(q[:, 0], k_cache, v_cache, positions, scale, return_lse=True)
         q = q.reshape(s, self.n_kv_heads, -1, hd).float()
         own = (q * k.reshape(s, self.n_kv_heads, 1, hd).float()).sum(-1) * scale  # [S, kv_heads, group]
         weight = torch.sigmoid(own.reshape(s, -1) - lse).unsqueeze(-1)  # [S, heads, 1]
@@ -145,36 +148,44 @@ class Attention(nn.Module):
         return out.reshape(s, 1, -1)
 
 
-def prompt_mask(visible: torch.Tensor, group: int) -> torch.Tensor:
-    """visible [T, Lk] (True = key visible to query) -> SDPA mask [1, 1, group*T, Lk] for folded heads."""
-    return visible.repeat(group, 1).unsqueeze(0).unsqueeze(0)
+def masked_score(dtype: torch.dtype) -> float:
+    """The score of a key a query must not see: the dtype's lowest finite value, as NxD Inference
+    masks, not -inf, whose arithmetic on a NeuronCore can give NaN (see the compiler flags)."""
+    return torch.finfo(dtype).min
+
+
+def prompt_mask(visible: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """visible [T, Lk] (True = key visible to query) -> additive SDPA mask [1, 1, group*T, Lk] for
+    folded heads. Every query sees at least itself, so no row is all masked."""
+    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, masked_score(dtype))
+    return mask.repeat(group, 1).unsqueeze(0).unsqueeze(0)
 
 
 def decode_bias(positions: torch.Tensor, kv_len: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask [S, 1, 1, kv_len]: 0 for cache positions before each slot's position, -inf from it on."""
+    """Additive mask [S, 1, 1, kv_len]: 0 for cache positions before each slot's position, masked from it on."""
     key_pos = torch.arange(kv_len, device=positions.device)
     hidden = key_pos.unsqueeze(0) >= positions.unsqueeze(1)
     return (
         torch.zeros(hidden.shape, dtype=dtype, device=positions.device)
-        .masked_fill(hidden, float("-inf"))
+        .masked_fill(hidden, masked_score(dtype))
         .reshape(-1, 1, 1, kv_len)
     )
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, tp: TensorParallel, fused: bool = False):
+    def __init__(self, config: ModelConfig, tp: TensorParallel, fused: Kernels | None = None):
         super().__init__()
         inter = config.intermediate_size // tp.degree
         self.gate_proj = Linear(config.hidden_size, inter, bias=False)
         self.up_proj = Linear(config.hidden_size, inter, bias=False)
         self.down_proj = Linear(inter, config.hidden_size, bias=False)
         self.tp = tp
-        self.fused = fused  # the swiglu_mlp kernel
+        self.fused = (fused or Kernels()).swiglu_mlp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:
+        if self.fused is not None:
             weights = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
-            out = nki_kernels.swiglu_mlp(x.reshape(-1, x.shape[-1]), *weights).reshape(x.shape)
+            out = self.fused(x.reshape(-1, x.shape[-1]), *weights).reshape(x.shape)
         else:
             gate, up = linear_group(x, (self.gate_proj, self.up_proj))
             out = self.down_proj(F.silu(gate) * up)
@@ -182,13 +193,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, tp: TensorParallel, kernels: frozenset[str]):
+    def __init__(self, config: ModelConfig, tp: TensorParallel, fused: Kernels):
         super().__init__()
-        fused_norm = "rmsnorm_residual" in kernels
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused_norm)
-        self.self_attn = Attention(config, tp, "qkv_rope" in kernels)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused_norm)
-        self.mlp = MLP(config, tp, "swiglu_mlp" in kernels)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused)
+        self.self_attn = Attention(config, tp, fused)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused)
+        self.mlp = MLP(config, tp, fused)
 
 
 class LlamaModel(nn.Module):
@@ -200,6 +210,7 @@ class LlamaModel(nn.Module):
         max_seq_len: int,
         tp: TensorParallel | None = None,
         kernels: frozenset[str] = frozenset(),
+        kernel_device: str = "cpu",
     ):
         super().__init__()
         unknown = set(kernels) - set(nki_kernels.KERNELS)
@@ -209,11 +220,10 @@ class LlamaModel(nn.Module):
         self.max_seq_len = max_seq_len
         self.tp = tp or TensorParallel()
         self.kernels = frozenset(kernels)
+        fused = Kernels.enabled(self.kernels, kernel_device)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            DecoderLayer(config, self.tp, self.kernels) for _ in range(config.num_hidden_layers)
-        )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, "rmsnorm_residual" in self.kernels)
+        self.layers = nn.ModuleList(DecoderLayer(config, self.tp, fused) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused)
         # Embeddings and lm_head are replicated on every rank: sampling then needs no all-gather of
         # the logits, and for the models served here their size is small next to the layers.
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -273,36 +283,12 @@ class LlamaModel(nn.Module):
                 return attention.attend_causal(q, k, v)
 
         else:
-            mask = prompt_mask(torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril(), self.group)
+            mask = prompt_mask(torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril(), self.group, self.dtype)
 
             def attend(i, attention, q, k, v):
                 return attention.attend_prompt(q, k.transpose(1, 2), v.transpose(1, 2), mask)
 
         return self._run_layers(self.embed_tokens(tokens), positions, attend)
-
-    def prefill_chunk(self, tokens, start, last_index, k_row: torch.Tensor, v_row: torch.Tensor):
-        """A chunk of a long prompt at positions start..start+T-1 of a slot whose cache row
-        (k_row/v_row [layers, kv_heads, max_seq_len, hd]) holds the first `start` tokens. Returns
-        what `prefill` returns.
-
-        Always SDPA, even with the prefill_attention kernel: the kernel sees contiguous keys
-        j <= q_offset + i, while here the keys are the whole cache row (valid up to `start`) followed
-        by the chunk's own, so they would have to be k_row[:start] + the chunk: a shape that depends
-        on the value of `start`, which a static-shape graph cannot have."""
-        t = tokens.shape[1]
-        offsets = torch.arange(t, device=tokens.device)
-        positions = (start + offsets).clamp(max=self.max_seq_len - 1).unsqueeze(0)
-        cached = torch.arange(self.max_seq_len, device=tokens.device).unsqueeze(0) < start
-        visible = torch.cat([cached.expand(t, -1), offsets.unsqueeze(0) <= offsets.unsqueeze(1)], dim=1)
-        mask = prompt_mask(visible, self.group)
-
-        def attend(i, attention, q, k, v):
-            keys = torch.cat([k_row[i].unsqueeze(0), k.transpose(1, 2)], dim=2)
-            values = torch.cat([v_row[i].unsqueeze(0), v.transpose(1, 2)], dim=2)
-            return attention.attend_prompt(q, keys, values, mask)
-
-        hidden, keys, values = self._run_layers(self.embed_tokens(tokens), positions, attend)
-        return self.lm_head(hidden.index_select(1, last_index)[:, 0]), keys, values
 
     def decode(self, tokens, positions, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: int):
         """One token for every slot: tokens [S], positions [S] (each slot's own). Attention reads the
@@ -333,7 +319,7 @@ class LlamaModel(nn.Module):
         rows then the prompt tokens at `last_index`, keys, values [layers, 1, S + P, kv_heads, hd])."""
         s, p = decode_tokens.shape[0], tokens.shape[0]
         kv_len = visible.shape[1] - p
-        mask = prompt_mask(visible, self.group)
+        mask = prompt_mask(visible, self.group, self.dtype)
         bias = None if "decode_attention" in self.kernels else decode_bias(decode_positions, kv_len, self.dtype)
 
         def attend(i, attention, q, k, v):

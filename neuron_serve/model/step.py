@@ -11,7 +11,9 @@ the weights are read once per step however the tokens are split. Shapes are stat
   the last prompt of a step, and finishes it first in the next), so its earlier tokens are the one
   cache row that the prompt tokens read, up to the step's KV bucket L;
 - `visible` [P, L + P] says which of those L cached positions and which of the step's own prompt
-  tokens each prompt token attends: its own prompt's, causally. A pad token sees itself only.
+  tokens each prompt token attends: its own prompt's, causally. A pad token sees itself only. It is
+  made from O(P + L) integers (`visible_keys`): each token's segment (its prompt) and how many cached
+  positions it sees, and the L cache positions; a graph on a device makes it there from them.
 """
 
 from __future__ import annotations
@@ -60,30 +62,47 @@ class StepShape:
     kv_len: int
 
 
-def step_tensors(batch: StepBatch, shape: StepShape) -> tuple[torch.Tensor, ...]:
-    """The graph's inputs before the cache: decode tokens and positions [S], prompt tokens and
-    positions [P], the cached row's slot [1], `visible` [P, L + P] and the prompt tokens whose logits
-    are wanted [R] (each chunk's last)."""
-    s, p, length = shape.decode_rows, shape.prompt_tokens, shape.kv_len
+def compact_step_tensors(batch: StepBatch, shape: StepShape) -> tuple[torch.Tensor, ...]:
+    """The step's inputs before the cache, with `visible` left to `visible_keys`: decode tokens and
+    positions [S], prompt tokens and positions [P], the cached row's slot [1], each prompt token's
+    segment [P] (a pad's is its own) and cached positions seen [P], the cache positions [L], and the
+    prompt tokens whose logits are wanted [R] (each chunk's last)."""
+    s, p = shape.decode_rows, shape.prompt_tokens
     decode_tokens, decode_positions = torch.zeros(s, dtype=torch.long), torch.zeros(s, dtype=torch.long)
     decode_tokens[batch.decode_slots] = torch.tensor(batch.decode_tokens, dtype=torch.long)
     decode_positions[batch.decode_slots] = torch.tensor(batch.decode_positions, dtype=torch.long)
     tokens, positions = torch.zeros(p, dtype=torch.long), torch.zeros(p, dtype=torch.long)
-    visible = torch.zeros(p, length + p, dtype=torch.bool)
-    visible[:, length:].fill_diagonal_(True)
+    segments, cache_lens = -1 - torch.arange(p), torch.zeros(p, dtype=torch.long)
     last = torch.zeros(shape.prompts, dtype=torch.long)
     offset = 0
     for i, chunk in enumerate(batch.chunks):
         n, end = len(chunk.tokens), offset + len(chunk.tokens)
         tokens[offset:end] = torch.tensor(chunk.tokens, dtype=torch.long)
         positions[offset:end] = torch.arange(chunk.start, chunk.start + n)
-        visible[offset:end, length + offset : length + end] = torch.ones(n, n, dtype=torch.bool).tril()
-        visible[offset:end, : chunk.start] = True  # only the continued chunk has start > 0
+        segments[offset:end], cache_lens[offset:end] = i, chunk.start  # only the continued chunk has start > 0
         last[i] = end - 1
         offset = end
     continued = batch.continued
     cached_slot = torch.tensor([continued.slot if continued else 0], dtype=torch.long)
-    return decode_tokens, decode_positions, tokens, positions, cached_slot, visible, last
+    key_positions = torch.arange(shape.kv_len)
+    return decode_tokens, decode_positions, tokens, positions, cached_slot, segments, cache_lens, key_positions, last
+
+
+def visible_keys(segments: torch.Tensor, cache_lens: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+    """visible [P, L + P]: prompt token i sees the cached positions below cache_lens[i], and the step's
+    tokens of its own segment up to itself."""
+    order = torch.arange(segments.shape[0], device=segments.device)
+    cached = key_positions.unsqueeze(0) < cache_lens.unsqueeze(1)
+    own = (segments.unsqueeze(0) == segments.unsqueeze(1)) & (order.unsqueeze(0) <= order.unsqueeze(1))
+    return torch.cat([cached, own], dim=1)
+
+
+def step_tensors(batch: StepBatch, shape: StepShape) -> tuple[torch.Tensor, ...]:
+    """The step graph's inputs before the cache (`compact_step_tensors` with `visible` made): decode
+    tokens and positions [S], prompt tokens and positions [P], the cached row's slot [1], `visible`
+    [P, L + P] and the prompt tokens whose logits are wanted [R]."""
+    *head, segments, cache_lens, key_positions, last = compact_step_tensors(batch, shape)
+    return (*head, visible_keys(segments, cache_lens, key_positions), last)
 
 
 def step_kept(batch: StepBatch, shape: StepShape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -97,7 +116,23 @@ def step_kept(batch: StepBatch, shape: StepShape) -> tuple[torch.Tensor, torch.T
         slots += [chunk.slot] * n
         positions += range(chunk.start, chunk.start + n)
         offset += n
-    return torch.tensor(rows, dtype=torch.long), torch.tensor(slots, dtype=torch.long), torch.tensor(positions)
+    return (
+        torch.tensor(rows, dtype=torch.long),
+        torch.tensor(slots, dtype=torch.long),
+        torch.tensor(positions, dtype=torch.long),
+    )
+
+
+def step_writes(batch: StepBatch, shape: StepShape, scratch_slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slots, positions) [S + P]: where each of the step's new keys and values goes in a cache that
+    the graph writes itself (`KVCache.written`). A pad row (a slot not decoding, a pad prompt token)
+    goes to position 0 of `scratch_slot`, a row no sequence owns: a pad decode row of a slot that is
+    still prefilling must not overwrite that slot's prompt."""
+    rows, slots, positions = step_kept(batch, shape)
+    write_slots = torch.full((shape.decode_rows + shape.prompt_tokens,), scratch_slot, dtype=torch.long)
+    write_positions = torch.zeros_like(write_slots)
+    write_slots[rows], write_positions[rows] = slots, positions
+    return write_slots, write_positions
 
 
 def logit_rows(batch: StepBatch, shape: StepShape) -> list[int]:

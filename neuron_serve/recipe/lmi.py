@@ -2,15 +2,26 @@
 
 Every option is either mapped onto a recipe field or listed in the notes with the reason it has no
 equivalent: nothing is dropped silently. Option names and value sets follow the LMI
-Transformers-NeuronX user guide and djl_python's ``tnx_properties``.
+Transformers-NeuronX user guide and djl_python's ``tnx_properties``. An absent option takes the value
+LMI's Neuron engine would give it, some from the model's config.json (`NeuronSmartDefaults`); each
+default applied is listed in the notes too.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+from typing import Any
 
-from neuron_serve.recipe.instances import get_instance
+from neuron_serve.recipe.instances import Instance, get_instance
+from neuron_serve.recipe.lmi_defaults import (
+    LMI_DTYPE,
+    MAX_ROLLING_BATCH,
+    N_POSITIONS_CAP,
+    NeuronSmartDefaults,
+    config_int,
+)
 from neuron_serve.recipe.schema import (
     CompilerSection,
     ModelSection,
@@ -23,15 +34,6 @@ from neuron_serve.recipe.schema import (
 
 DEFAULT_INSTANCE = "inf2.48xlarge"
 LMI_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-# LMI defaults used when an option is absent (djl_python properties: n_positions 128,
-# max_rolling_batch_size 32, dtype fp32, tensor_parallel_degree 1).
-LMI_DEFAULTS = {
-    "n_positions": "128",
-    "max_rolling_batch_size": "32",
-    "dtype": "fp32",
-    "tensor_parallel_degree": "1",
-}
-
 # Options with no equivalent, and why.
 NO_EQUIVALENT = {
     "entryPoint": "neuron-serve runs its own Llama-family model code; there are no custom entry points",
@@ -50,17 +52,15 @@ NO_EQUIVALENT = {
     "draft_model_id": "speculative decoding is not supported",
     "speculative_length": "speculative decoding is not supported",
     "enable_lora": "LoRA adapters are not supported",
+    "enable_saturate_infinity": "neuron recipes always pass --enable-saturate-infinity to neuronx-cc",
 }
 # option.quantize values of LMI's Neuron engine (djl_python tnx_properties.py TnXQuantizeMethods at
 # djl-serving afece25d: static_int8 only, i.e. transformers-neuronx's int8 weights, QuantizationConfig
 # quant_dtype "s8", one scale per output channel) and the boolean options that mean the same.
 LMI_QUANTIZE = {"static_int8": "int8-weight"}
 LMI_INT8_FLAGS = ("load_in_8bit", "neuron_quant")
-# Options that become neuronx-cc flags (both are real neuronx-cc compile flags).
-FLAG_OPTIONS = {
-    "enable_mixed_precision_accumulation": "--enable-mixed-precision-accumulation",
-    "enable_saturate_infinity": "--enable-saturate-infinity",
-}
+# Options that become neuronx-cc flags (a real neuronx-cc compile flag).
+FLAG_OPTIONS = {"enable_mixed_precision_accumulation": "--enable-mixed-precision-accumulation"}
 
 
 def parse_properties(text: str) -> dict[str, str]:
@@ -102,7 +102,7 @@ def _recipe_name(model_id: str, instance: str) -> str:
 
 
 def _int(opts: dict[str, str], key: str, prefix: str = "option.") -> int:
-    value = opts.get(key, LMI_DEFAULTS.get(key, ""))
+    value = opts[key]
     try:
         return int(value)
     except ValueError:
@@ -119,11 +119,77 @@ def _source(model_id: str, notes: list[str]) -> str:
     return model_id
 
 
-def _tp_degree(opts: dict[str, str], cores: int, instance: str, notes: list[str]) -> int:
-    if opts.get("tensor_parallel_degree") == "max":
-        notes.append(f"option.tensor_parallel_degree=max: all {cores} NeuronCores of {instance}")
+def _model_config(model_id: str, given: Path | None) -> tuple[dict[str, Any] | None, str]:
+    """The model's config.json, and where it was read; or None, and why it is out of reach."""
+    path = given or Path(model_id).expanduser() / "config.json"
+    if given or path.is_file():
+        return json.loads(path.read_text()), f"read from {path}"
+    return None, f"no config.json at {model_id}; S3 and hub models are not read, pass --model-config"
+
+
+def _smart_defaults(
+    opts: dict[str, str], config: dict[str, Any] | None, unreachable: str, n_positions: int, inst: Instance
+) -> tuple[NeuronSmartDefaults | None, str]:
+    """LMI's heuristic for this model, or None and why it cannot run."""
+    if config is None:
+        return None, f"the model config is out of reach ({unreachable})"
+    if "n_positions" not in opts and config_int(config, "max_position_embeddings") <= 0:
+        return None, "the model config has no max_position_embeddings"  # applySmartDefaults returns early
+    smart = NeuronSmartDefaults.of(config, n_positions, "quantize" in opts, inst)
+    return smart, "" if smart else "the model config does not give the model's size"
+
+
+def _dtype(opts: dict[str, str], notes: list[str]) -> str:
+    value = opts.get("dtype")
+    if value is None:
+        value = LMI_DTYPE
+        notes.append(f"option.dtype not set: {value}, as LMI's Neuron engine defaults")
+    if value not in LMI_DTYPES:
+        raise ValueError(f"serving.properties: option.dtype must be one of {', '.join(LMI_DTYPES)}, got {value!r}")
+    return LMI_DTYPES[value]
+
+
+def _n_positions(opts: dict[str, str], config: dict[str, Any] | None, unreachable: str, notes: list[str]) -> int:
+    if "n_positions" in opts:
+        return _int(opts, "n_positions")
+    longest = config_int(config, "max_position_embeddings") if config else 0
+    if longest > 0:
+        n = min(longest, N_POSITIONS_CAP)
+        notes.append(
+            f"option.n_positions not set: {n} = min(max_position_embeddings {longest}, {N_POSITIONS_CAP}), "
+            "LMI's default, as shapes.max_seq_len"
+        )
+        return n
+    why = f"the model config is out of reach ({unreachable})" if config is None else "it has no max_position_embeddings"
+    notes.append(
+        f"option.n_positions not set: LMI's min(max_position_embeddings, {N_POSITIONS_CAP}) cannot be computed: "
+        f"{why}. {N_POSITIONS_CAP} used, LMI's value when max_position_embeddings is unknown"
+    )
+    return N_POSITIONS_CAP
+
+
+def _tp_degree(
+    opts: dict[str, str], inst: Instance, smart: NeuronSmartDefaults | None, why: str, notes: list[str]
+) -> int:
+    cores = inst.neuron_cores
+    value = opts.get("tensor_parallel_degree")
+    if value == "max":
+        notes.append(f"option.tensor_parallel_degree=max: all {cores} NeuronCores of {inst.name}")
         return cores
-    return _int(opts, "tensor_parallel_degree")
+    if value is not None:
+        return _int(opts, "tensor_parallel_degree")
+    if smart is None:
+        notes.append(
+            f"option.tensor_parallel_degree not set: LMI's memory heuristic cannot run: {why}. All {cores} "
+            f"NeuronCores of {inst.name} used, LMI's 'max' then"
+        )
+        return cores
+    tp = smart.tp_degree(_int(opts, "max_rolling_batch_size") if "max_rolling_batch_size" in opts else None)
+    notes.append(
+        f"option.tensor_parallel_degree not set: {tp}, by LMI's memory heuristic (model {smart.model_gb:.1f} GB, "
+        f"{smart.sequence_gb:.2f} GiB per sequence, {smart.memory_per_core:.0f} GiB per NeuronCore)"
+    )
+    return tp
 
 
 def _context_buckets(opts: dict[str, str], n_positions: int, notes: list[str]) -> list[int]:
@@ -147,16 +213,25 @@ def _context_buckets(opts: dict[str, str], n_positions: int, notes: list[str]) -
     return buckets or [n_positions]
 
 
-def _batch_size(opts: dict[str, str], notes: list[str]) -> int:
+def _batch_size(opts: dict[str, str], tp: int, smart: NeuronSmartDefaults | None, why: str, notes: list[str]) -> int:
     rolling, static = opts.get("max_rolling_batch_size"), opts.get("batch_size")
     if rolling is None and static is not None:
         notes.append(f"option.batch_size={static}: used as shapes.batch_size (continuous-batching slots)")
         return _int(opts, "batch_size")
     if static is not None:
         notes.append(f"option.batch_size={static}: not carried over: slots come from max_rolling_batch_size")
-    if rolling is None:
-        notes.append("option.max_rolling_batch_size not set: LMI's default of 32 slots used")
-    return _int(opts, "max_rolling_batch_size")
+    if rolling is not None:
+        return _int(opts, "max_rolling_batch_size")
+    fits = smart.batch_size(tp) if smart else 0
+    if fits:
+        notes.append(f"option.max_rolling_batch_size not set: {fits} slots, LMI's memory heuristic at tp_degree {tp}")
+        return fits
+    why = why or f"no sequence fits beside the model at tp_degree {tp}"
+    notes.append(
+        f"option.max_rolling_batch_size not set: LMI's memory heuristic gives no batch size: {why}. "
+        f"LMI's default of {MAX_ROLLING_BATCH} slots used"
+    )
+    return MAX_ROLLING_BATCH
 
 
 def _compiler(opts: dict[str, str], dtype: str, notes: list[str]) -> CompilerSection:
@@ -226,9 +301,10 @@ def _other_options(props: dict[str, str], opts: dict[str, str], notes: list[str]
 
 
 def convert_lmi(
-    path: str | Path, instance: str = DEFAULT_INSTANCE, name: str | None = None
+    path: str | Path, instance: str = DEFAULT_INSTANCE, name: str | None = None, model_config: Path | None = None
 ) -> tuple[Recipe, list[str]]:
-    """The recipe equivalent to a serving.properties, and a note for every option not carried over."""
+    """The recipe equivalent to a serving.properties, and a note for every option not carried over and
+    every default applied. `model_config`: the model's config.json, where option.model_id has none."""
     props = parse_properties(Path(path).read_text())
     opts = {k.removeprefix("option."): v for k, v in props.items() if k.startswith("option.")}
     notes: list[str] = []
@@ -238,15 +314,14 @@ def convert_lmi(
         notes.append(f"option.model_id not set: model.source is the model directory {opts['model_id']}")
     inst = get_instance(instance)
     notes.insert(0, f"target: kind neuron on {inst.name} (from --instance; serving.properties does not name one)")
-    dtype_opt = opts.get("dtype", LMI_DEFAULTS["dtype"])
-    if dtype_opt not in LMI_DTYPES:
-        raise ValueError(f"serving.properties: option.dtype must be one of {', '.join(LMI_DTYPES)}, got {dtype_opt!r}")
-    dtype = LMI_DTYPES[dtype_opt]
-    n_positions = _int(opts, "n_positions")
-    if "n_positions" not in opts:
-        notes.append("option.n_positions not set: LMI's default of 128 tokens used as shapes.max_seq_len")
+    config, config_source = _model_config(opts["model_id"], model_config)
+    if config is not None:
+        notes.append(f"model config: {config_source}, for LMI's defaults that depend on the model")
+    dtype = _dtype(opts, notes)
+    n_positions = _n_positions(opts, config, config_source, notes)
     context = _context_buckets(opts, n_positions, notes)
-    tp = _tp_degree(opts, inst.neuron_cores, inst.name, notes)
+    smart, why = _smart_defaults(opts, config, config_source, n_positions, inst)
+    tp = _tp_degree(opts, inst, smart, why, notes)
     workers = max(1, inst.neuron_cores // tp)
     notes.append(
         f"serve.workers={workers}: one replica per {tp} NeuronCores, to use the {inst.neuron_cores} of {inst.name}"
@@ -259,7 +334,7 @@ def convert_lmi(
         model=ModelSection(source=_source(opts["model_id"], notes), dtype=dtype),
         target=TargetSection(kind="neuron", instance=inst.name, tp_degree=tp),
         shapes=ShapesSection(
-            batch_size=_batch_size(opts, notes),
+            batch_size=_batch_size(opts, tp, smart, why, notes),
             max_seq_len=n_positions,
             context_buckets=context,
             token_buckets=ladder(min(512, n_positions), n_positions),

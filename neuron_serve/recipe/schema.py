@@ -61,6 +61,9 @@ def torch_dtype(name: str) -> torch.dtype:
 class ModelSection:
     source: str = "default"
     dtype: str = "float32"
+    # The model's config.json, relative to the recipe file, for a source whose own is out of reach (S3):
+    # `recipe validate` checks heads and per-core memory against it; `compile` reads the source's own.
+    config: str = ""
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -135,8 +138,9 @@ class Recipe:
         return dataclasses.asdict(self)
 
     def compile_fields(self) -> dict[str, Any]:
-        """Everything that determines the compile output: all but name, version and [serve]."""
+        """Everything that determines the compile output: all but name, version, [serve] and model.config."""
         d = self.to_dict()
         for key in ("name", "version", "serve"):
             del d[key]
+        del d["model"]["config"]  # validation's input only: compile reads the source's own config.json
         return d

@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from neuron_serve.model.config import ModelConfig
 from neuron_serve.recipe.instances import ALLOWED_TP_DEGREES, INSTANCES
+from neuron_serve.recipe.memory import memory_errors
 from neuron_serve.recipe.schema import (
     AUTO_CAST_TYPES,
     AUTO_CASTS,
@@ -114,7 +116,20 @@ def _check_cpu_target(errors: list[str], r: Recipe) -> None:
         errors.append('compiler.cpu_mode: must be "eager" when target.tp_degree > 1 on cpu')
 
 
+def _check_decode_blocks(errors: list[str], r: Recipe) -> None:
+    from nki_kernels.tiles import DECODE_BLOCK  # lazily: recipes load without importing torch
+
+    odd = [b for b in r.shapes.token_buckets if b % DECODE_BLOCK]
+    if odd:
+        errors.append(
+            f"shapes.token_buckets: the NKI 'decode_attention' kernel reads the cache in blocks of {DECODE_BLOCK} "
+            f"keys, so every KV bucket must be a multiple of {DECODE_BLOCK}; got {odd}"
+        )
+
+
 def _check_neuron_target(errors: list[str], r: Recipe) -> None:
+    if "decode_attention" in r.kernels.enabled:
+        _check_decode_blocks(errors, r)
     if r.quantization.method != "none" and "lm_head" not in r.quantization.skip:
         errors.append(
             "quantization.skip: must list lm_head on neuron: lm_head is a replicated plain layer there, "
@@ -200,8 +215,22 @@ def _per_rank(size: int | None, tp: int) -> int | None:
 
 
 # The rules of each target's own fields; a target kind is valid when it has rules here.
+def _neuron_model_errors(r: Recipe, config: ModelConfig) -> list[str]:
+    """What a neuron recipe's model decides: the NKI MLP kernel's tiles, and the memory of one core."""
+    inter = config.intermediate_size // r.target.tp_degree
+    if "swiglu_mlp" in r.kernels.enabled and inter % 128:
+        return [
+            f"kernels.enabled: the NKI 'swiglu_mlp' kernel tiles each rank's intermediate size by 128; "
+            f"{config.intermediate_size} / tp_degree {r.target.tp_degree} = {inter} is not a multiple"
+        ]
+    return memory_errors(r, config)
+
+
 TARGET_RULES = {"cpu": _check_cpu_target, "neuron": _check_neuron_target}
 TARGET_KINDS = tuple(TARGET_RULES)
+# Rules of a target that need the whole model config, judged on an otherwise valid recipe: on neuron, the
+# kernels' tiles and a NeuronCore's HBM (the host's memory is not checked).
+TARGET_MODEL_RULES = {"neuron": _neuron_model_errors}
 
 
 def _check_heads(errors: list[str], tp: int, config: HeadCounts) -> None:
@@ -252,6 +281,10 @@ def recipe_errors(recipe: Recipe, model_config: HeadCounts | None = None) -> lis
         _check_group_divides(errors, r, model_config)
     _check_compiler(errors, r.compiler)
     _check_serve(errors, r.serve)
+    # Memory needs a whole config (heads alone do not size the weights), and is judged only on an
+    # otherwise valid recipe: its arithmetic assumes a known instance and heads that split.
+    if isinstance(model_config, ModelConfig) and not errors and r.target.kind in TARGET_MODEL_RULES:
+        errors += TARGET_MODEL_RULES[r.target.kind](r, model_config)
     return errors
 
 

@@ -1,6 +1,6 @@
 """Small building blocks shared by the NKI kernels (plain functions, traced inline by @nki.jit).
 
-Written against the NKI 0.3 API (nki.isa with explicit `dst`, nl.ndarray buffers); see the
+Written against the NKI 0.5 API (nki.isa with explicit `dst`, nl.ndarray buffers); see the
 package README for what has and has not been run.
 """
 

@@ -5,7 +5,9 @@ the cache is read once in blocks of DECODE_BLOCK keys. Per block: K^T from four 
 Engine transposes; scores q K^T (one PSUM bank); * scale + length mask bias; block max (stored
 negated), exp and row sum in one activation_reduce; P^T @ V as four 128-key matmuls accumulated in
 PSUM. The partials (-m_b, l_b, o_b) stay in SBUF; the merge weights them by e^(m_b - M) in block
-order. Requires L % DECODE_BLOCK == 0 (cache lengths are bucketed), hd <= 128, S <= 512.
+order and also gives the log-sum-exp of the scaled scores, M + log(sum_b e^(m_b - M) l_b), which the
+model needs to merge the step's own key in. Requires L % DECODE_BLOCK == 0 (cache lengths are
+bucketed), hd <= 128, S <= 512.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ def _block_partial(q_t, k_cache, v_cache, bias, s, g, b, rep: int, D: int, scale
 
 
 def _merge(neg_max, sums, outs, length, rep: int, blocks: int, D: int, dtype):
-    """out = sum_b e^(m_b - M) o_b / sum_b e^(m_b - M) l_b, zeroed for a slot of length 0."""
+    """out = sum_b e^(m_b - M) o_b / sum_b e^(m_b - M) l_b, zeroed for a slot of length 0, and
+    lse = M + log(sum_b e^(m_b - M) l_b), fp32 [rep, 1]."""
     neg_total_max = sbuf((rep, 1), nl.float32)  # -M = min_b(-m_b)
     nisa.tensor_reduce(dst=neg_total_max, op=nl.minimum, data=neg_max, axis=1, keepdims=True)
     weights = sbuf((rep, blocks), nl.float32)  # e^(m_b - M) = exp(-1 * (-m_b) + (-M))
@@ -87,17 +90,25 @@ def _merge(neg_max, sums, outs, length, rep: int, blocks: int, D: int, dtype):
     nisa.tensor_scalar(dst=has_keys, data=length, op0=nl.greater, operand0=0.0)
     out = sbuf((rep, D), dtype)
     nisa.tensor_scalar(dst=out, data=acc, op0=nl.multiply, operand0=inv_total, op1=nl.multiply, operand1=has_keys)
-    return out
+    # total >= 1 (the block holding M adds e^0), so log is safe. A slot of length 0 has M = NEG, and
+    # NEG + log(total) = NEG: finite, yet still 1 for the model's merge weight sigmoid(own - lse).
+    lse = sbuf((rep, 1), nl.float32)
+    nisa.activation(dst=lse, op=nl.log, data=total)
+    nisa.tensor_scalar(dst=lse, data=lse, op0=nl.subtract, operand0=neg_total_max)
+    return out, lse
 
 
 @nki.jit
 def decode_attention_kernel(q, k_cache, v_cache, lengths_row, scale: float):
-    """q [S, H, D]; k_cache, v_cache [S, G, L, D]; lengths_row fp32 [1, S] -> out [S, H, D]."""
+    """q [S, H, D]; k_cache, v_cache [S, G, L, D]; lengths_row fp32 [1, S] -> out [S, H, D] and the
+    fp32 log-sum-exp of each head's scaled scores, lse [S, H, 1] (NEG for a slot of length 0)."""
     S, H, D = q.shape
     G, L = k_cache.shape[1], k_cache.shape[2]
     rep, blocks = H // G, L // DECODE_BLOCK
     assert L % DECODE_BLOCK == 0 and D <= PMAX and rep <= PMAX and S <= 512
     out = nl.ndarray((S, H, D), dtype=q.dtype, buffer=nl.shared_hbm)
+    # A trailing 1 so that a kv head's rep values are written as the [rep, 1] column they are in SBUF.
+    lse = nl.ndarray((S, H, 1), dtype=nl.float32, buffer=nl.shared_hbm)
     lengths = broadcast_row(load(lengths_row, (1, S), nl.float32), rep, S)  # [rep, S]
     key_pos = sbuf((rep, L), nl.float32)
     nisa.iota(dst=key_pos, pattern=[[1, L]], offset=0, channel_multiplier=0)
@@ -118,6 +129,7 @@ def decode_attention_kernel(q, k_cache, v_cache, lengths_row, scale: float):
             outs = sbuf((rep, blocks, D), nl.float32)
             for b in nl.affine_range(blocks):
                 _block_partial(q_t, k_cache, v_cache, bias, s, g, b, rep, D, scale, neg_max, sums, outs)
-            result = _merge(neg_max, sums, outs, lengths[0:rep, s : s + 1], rep, blocks, D, q.dtype)
+            result, row_lse = _merge(neg_max, sums, outs, lengths[0:rep, s : s + 1], rep, blocks, D, q.dtype)
             nisa.dma_copy(dst=out[s, g * rep : (g + 1) * rep, 0:D], src=result)
-    return out
+            nisa.dma_copy(dst=lse[s, g * rep : (g + 1) * rep, 0:1], src=row_lse)
+    return out, lse

@@ -85,8 +85,8 @@ def prefill_attention_kernel(q, k, v, q_offset, scale: float):
     for g in nl.affine_range(G):
         for r in nl.affine_range(rep):
             for qb in nl.affine_range(q_blocks):
-                rows = slice(qb * PREFILL_BLOCK_Q, (qb + 1) * PREFILL_BLOCK_Q)
-                q_tile = load(q[g * rep + r, rows, 0:D], (PREFILL_BLOCK_Q, D), q.dtype)
+                q0 = qb * PREFILL_BLOCK_Q
+                q_tile = load(q[g * rep + r, q0 : q0 + PREFILL_BLOCK_Q, 0:D], (PREFILL_BLOCK_Q, D), q.dtype)
                 q_t = transpose(q_tile, PREFILL_BLOCK_Q, D, q.dtype)
                 m, sums = sbuf((PMAX, 1), nl.float32), sbuf((PMAX, 1), nl.float32)
                 acc = sbuf((PMAX, D), nl.float32)
@@ -99,5 +99,5 @@ def prefill_attention_kernel(q, k, v, q_offset, scale: float):
                 nisa.reciprocal(dst=inv_sums, data=sums)
                 result = sbuf((PMAX, D), q.dtype)
                 nisa.tensor_scalar(dst=result, data=acc, op0=nl.multiply, operand0=inv_sums)
-                nisa.dma_copy(dst=out[g * rep + r, rows, 0:D], src=result)
+                nisa.dma_copy(dst=out[g * rep + r, q0 : q0 + PREFILL_BLOCK_Q, 0:D], src=result)
     return out

@@ -21,7 +21,7 @@ from nki_kernels.tiles import PMAX, PSUM_FMAX, ranges
 
 def _rope_head(dst, tile, col: int, cos, sin, rows: int, hd: int) -> None:
     """dst = src * cos + rotate_half(src) * sin, src = the head at columns col..col+hd of the fp32
-    tile (sliced here, once: NKI 0.3 has no slices of slices)."""
+    tile (sliced here, once: the kernels keep to NKI 0.3's single level of slicing)."""
     half = hd // 2
     x1, x2 = tile[0:rows, col : col + half], tile[0:rows, col + half : col + hd]
     a, b = sbuf((rows, half), nl.float32), sbuf((rows, half), nl.float32)

@@ -11,6 +11,11 @@ top-k / top-p cuts and the draw over the kept candidates use only the [rows, max
 candidates. Same algorithm as cpu/sampling.py, with fp32 running sums (the CPU's are fp64).
 Inputs are [S, 1] fp32 columns prepared by the host: 1/temperature (1 for greedy rows), greedy
 (1.0 / 0.0), top_k, top_p, uniform. Every tile must hold at least max_candidates entries.
+
+SBUF: one fp32 logits tile is on chip at a time (64 KiB per partition at the default 16384 entries,
+a third of a 192 KiB partition) and every pass works on it in place; a helper per tile frees it
+before the next tile's is allocated. Besides it: the candidates, 2 x tiles x max_candidates fp32
+(16 KiB at vocab 128256 and the defaults), and [S, max_candidates] work tiles.
 """
 
 from __future__ import annotations
@@ -69,9 +74,29 @@ def _pick(row, index, iota, S: int, width: int):
     return _row_sum(onehot, S)
 
 
-def _cumsum(dst, data, ones, initial, S: int, width: int) -> None:
-    # result[i] = 1 * result[i-1] + data[i], seeded with `initial`.
-    nisa.tensor_tensor_scan(dst=dst, data0=ones[0:S, 0:width], data1=data, initial=initial, op0=nl.multiply, op1=nl.add)
+def _cumsum(dst, data, initial) -> None:
+    """Running sum of data (weights >= 0) along the free dim, seeded with initial (>= 0).
+
+    The scan computes max(data[i] + result[i-1], data[i]), which is exactly data[i] + result[i-1]
+    for non-negative terms; the usual 1 * result[i-1] + data[i] would need a tile of ones as wide
+    as a vocabulary tile (another 64 KiB per partition)."""
+    nisa.tensor_tensor_scan(dst=dst, data0=data, data1=data, initial=initial, op0=nl.add, op1=nl.maximum)
+
+
+def _tile_candidates(logits, inv_t, t: int, v0: int, vn: int, found, S: int, C: int) -> None:
+    """Tile t (entries v0..v0+vn): its max and first argmax into column t of found's tile_max and
+    tile_arg, its top C values and their ids into columns t*C.. of cand_values and cand_ids."""
+    tile_max, tile_arg, cand_values, cand_ids = found
+    x = _scaled_tile(logits, inv_t, v0, vn, S)
+    # The first argmax is found before the rounds overwrite x: one max8 more, one tile copy less.
+    top, first = sbuf((S, 8), nl.float32), sbuf((S, 8), nl.uint32)
+    nisa.max8(dst=top, src=x)
+    nisa.nc_find_index8(dst=first, data=x, vals=top)
+    nisa.tensor_copy(dst=tile_max[0:S, t : t + 1], src=top[0:S, 0:1])
+    nisa.tensor_scalar(dst=tile_arg[0:S, t : t + 1], data=first[0:S, 0:1], op0=nl.add, operand0=float(v0))
+    positions = sbuf((S, C), nl.uint32)
+    _top8_rounds(x, cand_values, t * C, positions, S, C)
+    nisa.tensor_scalar(dst=cand_ids[0:S, t * C : (t + 1) * C], data=positions, op0=nl.add, operand0=float(v0))
 
 
 def _pass_candidates(logits, inv_t, tiles, S: int, C: int):
@@ -81,16 +106,7 @@ def _pass_candidates(logits, inv_t, tiles, S: int, C: int):
     cand_values, cand_ids = sbuf((S, nt * C), nl.float32), sbuf((S, nt * C), nl.float32)
     for t in range(nt):
         v0, vn = tiles[t]
-        x = _scaled_tile(logits, inv_t, v0, vn, S)
-        work = sbuf((S, vn), nl.float32)  # consumed by the rounds (found values overwritten)
-        nisa.tensor_copy(dst=work, src=x)
-        positions = sbuf((S, C), nl.uint32)
-        _top8_rounds(work, cand_values, t * C, positions, S, C)
-        nisa.tensor_scalar(dst=cand_ids[0:S, t * C : (t + 1) * C], data=positions, op0=nl.add, operand0=float(v0))
-        first = sbuf((S, 8), nl.uint32)
-        nisa.nc_find_index8(dst=first, data=x, vals=cand_values[0:S, t * C : t * C + 8])
-        nisa.tensor_copy(dst=tile_max[0:S, t : t + 1], src=cand_values[0:S, t * C : t * C + 1])
-        nisa.tensor_scalar(dst=tile_arg[0:S, t : t + 1], data=first[0:S, 0:1], op0=nl.add, operand0=float(v0))
+        _tile_candidates(logits, inv_t, t, v0, vn, (tile_max, tile_arg, cand_values, cand_ids), S, C)
     best, arg = sbuf((S, 1), nl.float32), sbuf((S, 1), nl.float32)
     nisa.tensor_copy(dst=best, src=tile_max[0:S, 0:1])
     nisa.tensor_copy(dst=arg, src=tile_arg[0:S, 0:1])
@@ -105,38 +121,46 @@ def _pass_candidates(logits, inv_t, tiles, S: int, C: int):
     return best, arg, values, ids
 
 
+def _tile_weight(logits, inv_t, neg_max, v0: int, vn: int, weight, S: int) -> None:
+    """weight [S, 1] = sum over entries v0..v0+vn of exp(x - max)."""
+    x = _scaled_tile(logits, inv_t, v0, vn, S)
+    nisa.activation_reduce(dst=x, op=nl.exp, data=x, reduce_op=nl.add, reduce_res=weight, bias=neg_max, scale=1.0)
+
+
 def _pass_total(logits, inv_t, neg_max, tiles, S: int):
     """Pass 2: sum over the vocabulary of exp(x - max)."""
     parts = sbuf((S, len(tiles)), nl.float32)
     for t in range(len(tiles)):
         v0, vn = tiles[t]
-        x = _scaled_tile(logits, inv_t, v0, vn, S)
-        nisa.activation_reduce(
-            dst=x, op=nl.exp, data=x, reduce_op=nl.add, reduce_res=parts[0:S, t : t + 1], bias=neg_max, scale=1.0
-        )
+        _tile_weight(logits, inv_t, neg_max, v0, vn, parts[0:S, t : t + 1], S)
     return _row_sum(parts, S)
 
 
-def _pass_draw(logits, inv_t, neg_max, tiles, target, ones, S: int, V: int):
+def _tile_draw(logits, inv_t, neg_max, v0: int, vn: int, target, prefix, count, S: int) -> None:
+    """Adds to count the entries v0..v0+vn whose running weight (on top of prefix, the earlier
+    tiles' total) stays <= target, and moves prefix on to this tile's end."""
+    x = _scaled_tile(logits, inv_t, v0, vn, S)
+    nisa.activation(dst=x, op=nl.exp, data=x, bias=neg_max, scale=1.0)
+    _cumsum(x, x, prefix)
+    nisa.tensor_copy(dst=prefix, src=x[0:S, vn - 1 : vn])
+    tile_count = sbuf((S, 1), nl.float32)
+    nisa.tensor_scalar_reduce(
+        dst=x, data=x, op0=nl.less_equal, operand0=target, reduce_op=nl.add, reduce_res=tile_count
+    )
+    nisa.tensor_tensor(dst=count, data1=count, data2=tile_count, op=nl.add)
+
+
+def _pass_draw(logits, inv_t, neg_max, tiles, target, S: int, V: int):
     """Pass 3: index of the first vocabulary entry whose running weight exceeds target."""
     prefix, count = sbuf((S, 1), nl.float32), sbuf((S, 1), nl.float32)
     nisa.memset(dst=prefix, value=0.0)
     nisa.memset(dst=count, value=0.0)
     for v0, vn in tiles:
-        x = _scaled_tile(logits, inv_t, v0, vn, S)
-        nisa.activation(dst=x, op=nl.exp, data=x, bias=neg_max, scale=1.0)
-        cdf = sbuf((S, vn), nl.float32)
-        _cumsum(cdf, x, ones, prefix, S, vn)
-        below, tile_count = sbuf((S, vn), nl.float32), sbuf((S, 1), nl.float32)
-        nisa.tensor_scalar_reduce(
-            dst=below, data=cdf, op0=nl.less_equal, operand0=target, reduce_op=nl.add, reduce_res=tile_count
-        )
-        nisa.tensor_tensor(dst=count, data1=count, data2=tile_count, op=nl.add)
-        nisa.tensor_copy(dst=prefix, src=cdf[0:S, vn - 1 : vn])
+        _tile_draw(logits, inv_t, neg_max, v0, vn, target, prefix, count, S)
     return _column_op(count, nl.minimum, float(V - 1), S)
 
 
-def _cuts(values, weights, total, top_k, top_p, iota, ones, S: int, C: int):
+def _cuts(values, weights, total, top_k, top_p, iota, S: int, C: int):
     """The lowest kept value per row: max(top-k cut, top-p cut), NEG where a filter is off."""
     never = sbuf((S, 1), nl.float32)
     nisa.memset(dst=never, value=NEG)
@@ -151,7 +175,7 @@ def _cuts(values, weights, total, top_k, top_p, iota, ones, S: int, C: int):
     nisa.tensor_tensor(dst=kept, data1=weights, data2=in_k, op=nl.multiply)
     norm = _select(k_on, _row_sum(kept, S), total, S)  # top-p renormalises over the top-k survivors
     mass_before = sbuf((S, C), nl.float32)
-    _cumsum(mass_before, kept, ones, 0.0, S, C)
+    _cumsum(mass_before, kept, 0.0)
     nisa.tensor_tensor(dst=mass_before, data1=mass_before, data2=kept, op=nl.subtract)
     limit = sbuf((S, 1), nl.float32)
     nisa.tensor_tensor(dst=limit, data1=top_p, data2=norm, op=nl.multiply)
@@ -166,14 +190,14 @@ def _cuts(values, weights, total, top_k, top_p, iota, ones, S: int, C: int):
     return cut_p, k_on, p_on
 
 
-def _candidate_draw(values, weights, ids, cut, uniform, iota, ones, S: int, C: int):
+def _candidate_draw(values, weights, ids, cut, uniform, iota, S: int, C: int):
     """Inverse CDF over the kept candidates, most likely first."""
     allowed = sbuf((S, C), nl.float32)
     nisa.tensor_scalar(dst=allowed, data=values, op0=nl.greater_equal, operand0=cut)
     kept = sbuf((S, C), nl.float32)
     nisa.tensor_tensor(dst=kept, data1=weights, data2=allowed, op=nl.multiply)
     cdf = sbuf((S, C), nl.float32)
-    _cumsum(cdf, kept, ones, 0.0, S, C)
+    _cumsum(cdf, kept, 0.0)
     target = sbuf((S, 1), nl.float32)
     nisa.tensor_tensor(dst=target, data1=uniform, data2=cdf[0:S, C - 1 : C], op=nl.multiply)
     below, position = sbuf((S, C), nl.float32), sbuf((S, 1), nl.float32)
@@ -197,8 +221,6 @@ def sample_kernel(logits, inv_temperature, greedy, top_k, top_p, uniform, tile: 
     top_k_f = load(top_k, (S, 1), nl.float32)
     top_p_f = load(top_p, (S, 1), nl.float32)
     u = load(uniform, (S, 1), nl.float32)
-    ones = sbuf((S, max(tile, C)), nl.float32)
-    nisa.memset(dst=ones, value=1.0)
     iota = sbuf((S, C), nl.float32)
     nisa.iota(dst=iota, pattern=[[1, C]], offset=0, channel_multiplier=0)
 
@@ -207,11 +229,11 @@ def sample_kernel(logits, inv_temperature, greedy, top_k, top_p, uniform, tile: 
     weights = sbuf((S, C), nl.float32)
     nisa.activation(dst=weights, op=nl.exp, data=values, bias=neg_max, scale=1.0)
     total = _pass_total(logits, inv_t, neg_max, tiles, S)
-    cut, k_on, p_on = _cuts(values, weights, total, top_k_f, top_p_f, iota, ones, S, C)
-    from_candidates = _candidate_draw(values, weights, ids, cut, u, iota, ones, S, C)
+    cut, k_on, p_on = _cuts(values, weights, total, top_k_f, top_p_f, iota, S, C)
+    from_candidates = _candidate_draw(values, weights, ids, cut, u, iota, S, C)
     target = sbuf((S, 1), nl.float32)
     nisa.tensor_tensor(dst=target, data1=u, data2=total, op=nl.multiply)
-    from_vocab = _pass_draw(logits, inv_t, neg_max, tiles, target, ones, S, V)
+    from_vocab = _pass_draw(logits, inv_t, neg_max, tiles, target, S, V)
 
     filtered = sbuf((S, 1), nl.uint8)
     nisa.tensor_tensor(dst=filtered, data1=k_on, data2=p_on, op=nl.maximum)

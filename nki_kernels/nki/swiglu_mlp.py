@@ -30,9 +30,10 @@ def _hidden_t(x_t: list, w_gate_t, w_up_t, i_slices: int, rows: int, dtype):
         h_chunks = ranges(H, PMAX)
         for c in range(len(h_chunks)):
             h0, hn = h_chunks[c]
-            units = slice(it * PMAX, (it + 1) * PMAX)
-            nisa.nc_matmul(dst=gate, stationary=load(w_gate_t[h0 : h0 + hn, units], (hn, PMAX), dtype), moving=x_t[c])
-            nisa.nc_matmul(dst=up, stationary=load(w_up_t[h0 : h0 + hn, units], (hn, PMAX), dtype), moving=x_t[c])
+            w_gate = load(w_gate_t[h0 : h0 + hn, it * PMAX : (it + 1) * PMAX], (hn, PMAX), dtype)
+            nisa.nc_matmul(dst=gate, stationary=w_gate, moving=x_t[c])
+            w_up = load(w_up_t[h0 : h0 + hn, it * PMAX : (it + 1) * PMAX], (hn, PMAX), dtype)
+            nisa.nc_matmul(dst=up, stationary=w_up, moving=x_t[c])
         silu_gate = sbuf((PMAX, rows), nl.float32)
         nisa.activation(dst=silu_gate, op=nl.silu, data=gate)
         nisa.tensor_tensor(dst=h_t[0:PMAX, it, 0:rows], data1=silu_gate, data2=up, op=nl.multiply)

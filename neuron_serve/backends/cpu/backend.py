@@ -9,8 +9,7 @@ from pathlib import Path
 import torch
 
 from neuron_serve.artifact.manifest import ArtifactManifest, GraphRecord
-from neuron_serve.backends.base import Backend, CompileJob, LoadTimes, Runner
-from neuron_serve.backends.bucketed import warm_up
+from neuron_serve.backends.base import Backend, CompileJob, LoadTimes, Runner, warm_up
 from neuron_serve.backends.cpu.compile import compile_cpu_graphs
 from neuron_serve.backends.cpu.precision import cpu_dtype, cpu_flags
 from neuron_serve.backends.cpu.runners import open_rank_runner

@@ -7,8 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from neuron_serve.artifact.manifest import ArtifactManifest, GraphRecord
-from neuron_serve.backends.base import Backend, CompileJob, LoadTimes, Runner
-from neuron_serve.backends.bucketed import warm_up
+from neuron_serve.backends.base import Backend, CompileJob, LoadTimes, Runner, warm_up
 from neuron_serve.backends.neuron.compile import compile_for_neuron
 from neuron_serve.backends.neuron.cores import core_range_for_worker
 from neuron_serve.backends.neuron.occupancy import watch_monitor

@@ -1,128 +1,99 @@
 """The Neuron graphs' calling convention, shared by the compile step and the runner so they cannot drift.
 
-Each bucket's graph wraps one of the model's pure forwards (prefill, prefill_chunk, decode). Around
-them, at the graph boundary:
+Every graph is the model's step (``model/step.py``) at one static shape (`GraphSet.compiled_shapes`),
+and two facts of neuronx-distributed's ModelBuilder (NxD 2.29, ``trace/model_builder.py``
+``build_nxd_model`` and ``trace/spmd.py`` ``NxDModel``) shape the boundary:
 
-- **Integer inputs are int32**, as NxD Inference compiles them (the Neuron compiler handles int32
-  better than int64).
-- **Decode graphs take the cache already cut to their bucket** (``[..., :kv_len, :]``). ModelBuilder
-  routes a call to the graph whose example input shapes equal the call's, and the decode buckets
-  would otherwise all take the full cache; it also moves only ``kv_len`` positions to the device.
-- **The KV cache crosses the boundary with every rank's heads** (``degree * local_kv_heads``). NxD
-  hands every rank the same inputs and returns one rank's outputs, so a rank picks its own heads
-  from the input by its rank id (NxD's SPMDRank, a per-rank weight) and the new keys/values are
-  all-gathered over the TP group before they are returned.
+- **One argument list for every graph.** The saved model is one ``torch.jit.trace`` of
+  ``NxDModelExecutor`` made from the example inputs of the *last* graph added, and its router picks
+  the graph whose example input shapes equal the call's (``str([list(t.shape) ...])``). So every
+  graph takes `STEP_INPUTS`, all int32 (as NxD Inference compiles them), and no two graphs share
+  their input shapes (`check_distinct_shapes`; NxD would let the later one overwrite the earlier).
+  Every input is O(S + P + L) integers: the graph makes the step's mask itself (`visible_keys`),
+  and the KV bucket L is the shape of `key_positions`.
+- **The KV cache is device state.** It is two parameters of the graph module, each rank's own KV
+  heads in `KVCache`'s layout with `KVCache.device_slots` rows. Each graph returns the logits, then
+  the caches with this step's keys and values written (`KVCache.written`); `cache_aliases` maps
+  those outputs onto the parameters, which makes them states: the runtime allocates them once per
+  rank (zeroed by NxD's ``StateInitializer``), shares them by name across every graph, writes them
+  in place, and returns only the outputs that are not aliased, the logits.
 
-That boundary is also the cost of this design: the cache goes host -> device and the new keys and
-values device -> host on every call (see ``runner.py`` for the production alternative).
+So a step moves its token ids and positions to the device and its logits back, never the cache.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from neuron_serve.artifact.graphs import DECODE, PREFILL, PREFILL_CHUNK, GraphSpec
+from neuron_serve.artifact.graphs import GraphSet
 from neuron_serve.model.config import ModelConfig
 from neuron_serve.model.kv_cache import KVCache
 from neuron_serve.model.llama import LlamaModel
-from neuron_serve.model.parallel import TensorParallel
 from neuron_serve.model.state import loadable_state
+from neuron_serve.model.step import StepBatch, StepShape, compact_step_tensors, step_writes, visible_keys
 
-# The graph wrappers hold the model as `self.model`, so its weights are named "model.<param>".
+# The graph module holds the model as `self.model`, so its weights are named "model.<param>".
 MODEL_PREFIX = "model."
-# NxD's SPMDRank registers its per-rank id as the parameter `rank`; the wrappers hold it as `spmd_rank`.
-RANK_WEIGHT = "spmd_rank.rank"
-
-Gather = Callable[[torch.Tensor], torch.Tensor]
-
-
-def cache_heads(config: ModelConfig, degree: int) -> int:
-    """KV heads in the host cache: every rank's own heads, replicated ones included."""
-    return degree * TensorParallel(degree).local_kv_heads(config.num_key_value_heads)
-
-
-def select_local_heads(cache: torch.Tensor, dim: int, rank: torch.Tensor, local_heads: int) -> torch.Tensor:
-    """This rank's heads [rank*local_heads, (rank+1)*local_heads) along ``dim``; ``rank`` is a tensor
-    (one graph serves every rank, so the rank can only be data)."""
-    index = rank.to(torch.int32) * local_heads + torch.arange(local_heads, dtype=torch.int32, device=cache.device)
-    return torch.index_select(cache, dim, index)
+STEP_INPUTS = (
+    "decode_tokens",
+    "decode_positions",
+    "tokens",
+    "positions",
+    "cached_slot",
+    "segments",
+    "cache_lens",
+    "key_positions",
+    "last_index",
+    "write_slots",
+    "write_positions",
+)
+CACHE_STATES = ("k_cache", "v_cache")  # the graph's outputs 1 and 2 alias these parameters
 
 
-def gather_heads(x: torch.Tensor, gather_last_dim: Gather) -> torch.Tensor:
-    """[..., local_heads, hd] on every rank -> [..., degree*local_heads, hd], in rank order.
-    ``gather_last_dim`` concatenates the ranks' tensors along the last dimension."""
-    *lead, heads, hd = x.shape
-    gathered = gather_last_dim(x.reshape(*lead, heads * hd))
-    return gathered.view(*lead, -1, hd)
+class NeuronStep(nn.Module):
+    """One step graph: the model's step on the cache it holds, returning (logits, keys, values)."""
 
-
-class _NeuronGraph(nn.Module):
-    def __init__(self, model: LlamaModel):
+    def __init__(self, model: LlamaModel, batch_size: int):
         super().__init__()
         self.model = model
-        self.degree = model.tp.degree
-        self.local_heads = model.layers[0].self_attn.n_kv_heads
-        if self.degree > 1:
-            from neuronx_distributed.parallel_layers.layers import SPMDRank
-            from neuronx_distributed.parallel_layers.mappings import gather_from_tensor_model_parallel_region
+        cache = model.new_kv_cache(KVCache.device_slots(batch_size))
+        self.k_cache = nn.Parameter(cache.keys, requires_grad=False)
+        self.v_cache = nn.Parameter(cache.values, requires_grad=False)
 
-            self.spmd_rank = SPMDRank(self.degree)
-            self._gather = gather_from_tensor_model_parallel_region
+    def forward(self, *inputs: torch.Tensor):
+        """The `STEP_INPUTS`, in order."""
+        *head, segments, cache_lens, key_positions, last_index, write_slots, write_positions = inputs
+        visible = visible_keys(segments, cache_lens, key_positions)
+        logits, keys, values = self.model.step(*head, visible, last_index, self.k_cache, self.v_cache)
+        k_cache = KVCache.written(self.k_cache, write_slots, write_positions, keys[:, 0])
+        v_cache = KVCache.written(self.v_cache, write_slots, write_positions, values[:, 0])
+        return logits, k_cache, v_cache
 
-    def local(self, cache: torch.Tensor, dim: int) -> torch.Tensor:
-        return cache if self.degree == 1 else select_local_heads(cache, dim, self.spmd_rank.rank, self.local_heads)
-
-    def returned(self, logits, keys, values):
-        if self.degree == 1:
-            return logits, keys, values
-        return logits, gather_heads(keys, self._gather), gather_heads(values, self._gather)
-
-
-class NeuronPrefill(_NeuronGraph):
-    def forward(self, tokens, last_index):
-        return self.returned(*self.model.prefill(tokens, last_index))
+    def cache_aliases(self) -> dict[nn.Parameter, int]:
+        """ModelBuilder's ``input_output_aliases``: each cache parameter -> the output that updates it."""
+        return {getattr(self, name): index for index, name in enumerate(CACHE_STATES, start=1)}
 
 
-class NeuronPrefillChunk(_NeuronGraph):
-    def forward(self, tokens, start, last_index, k_row, v_row):
-        k_row, v_row = self.local(k_row, 1), self.local(v_row, 1)
-        return self.returned(*self.model.prefill_chunk(tokens, start, last_index, k_row, v_row))
+def step_inputs(batch: StepBatch, shape: StepShape, batch_size: int) -> tuple[torch.Tensor, ...]:
+    """The `STEP_INPUTS` of ``batch`` at ``shape``, int32."""
+    writes = step_writes(batch, shape, scratch_slot=batch_size)
+    return tuple(t.to(torch.int32) for t in (*compact_step_tensors(batch, shape), *writes))
 
 
-class NeuronDecode(_NeuronGraph):
-    def forward(self, tokens, positions, k_cache, v_cache):
-        kv_len = k_cache.shape[3]  # the bucket: the runner passes the cache cut to it
-        k_cache, v_cache = self.local(k_cache, 2), self.local(v_cache, 2)
-        return self.returned(*self.model.decode(tokens, positions, k_cache, v_cache, kv_len))
+def example_inputs(graphs: GraphSet) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Every graph's example inputs by name, in `compiled_shapes` order, checked to be routable."""
+    inputs = {
+        graph_name(shape): step_inputs(StepBatch(), shape, graphs.batch_size) for shape in graphs.compiled_shapes()
+    }
+    check_distinct_shapes(inputs)
+    return inputs
 
 
-GRAPH_CLASSES = {PREFILL: NeuronPrefill, PREFILL_CHUNK: NeuronPrefillChunk, DECODE: NeuronDecode}
-
-
-def neuron_graph(model: LlamaModel, spec: GraphSpec) -> nn.Module:
-    return GRAPH_CLASSES[spec.kind](model)
-
-
-def example_inputs(
-    spec: GraphSpec, config: ModelConfig, degree: int, batch_size: int, max_seq_len: int, dtype: torch.dtype
-) -> tuple[torch.Tensor, ...]:
-    """Inputs of the exact shapes and dtypes the runner calls ``spec``'s graph with."""
-
-    def ints(*shape: int) -> torch.Tensor:
-        return torch.zeros(shape, dtype=torch.int32)
-
-    def cache(slots: int, length: int) -> KVCache:
-        return KVCache.allocate(config, slots, length, cache_heads(config, degree), dtype)
-
-    if spec.kind == PREFILL:
-        return ints(1, spec.bucket), ints(1)
-    if spec.kind == PREFILL_CHUNK:
-        return ints(1, spec.bucket), ints(1), ints(1), *cache(1, max_seq_len).row(0)
-    decode_cache = cache(batch_size, spec.bucket)
-    return ints(batch_size), ints(batch_size), decode_cache.keys, decode_cache.values
+def graph_name(shape: StepShape) -> str:
+    return f"step_{shape.decode_rows}x{shape.prompt_tokens}x{shape.prompts}x{shape.kv_len}"
 
 
 def check_distinct_shapes(inputs: Mapping[str, tuple[torch.Tensor, ...]]) -> None:
@@ -142,19 +113,16 @@ def rank_weights(
 
     Our shards split tensors exactly as NxD would for the parallel layers (``sharding.py``: the
     same dimension, in rank order), so the artifact keeps one copy of the weights. Beyond renaming,
-    the graphs also need: the tied lm_head, o_proj's bias on every rank (NxD's RowParallelLinear adds
-    it once after its reduce; our shards keep it on rank 0 only), the RoPE tables (buffers, which the
-    trace may take as weights) and, with TP, each rank's id for SPMDRank.
+    the graphs also need the tied lm_head, o_proj's bias on every rank (NxD's RowParallelLinear adds
+    it once after its reduce; our shards keep it on rank 0 only) and the RoPE tables (buffers, which
+    the trace may take as weights). The caches are states, which the runtime allocates itself.
     """
-    degree = len(shards)
     out = []
-    for rank, shard in enumerate(shards):
+    for shard in shards:
         state = loadable_state(shard, config, max_seq_len)
         weights = {MODEL_PREFIX + name: tensor for name, tensor in state.items()}
         for name, tensor in shards[0].items():
             if name.endswith("o_proj.bias"):
                 weights[MODEL_PREFIX + name] = tensor
-        if degree > 1:
-            weights[RANK_WEIGHT] = torch.tensor([rank], dtype=torch.int32)
         out.append(weights)
     return out

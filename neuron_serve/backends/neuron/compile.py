@@ -1,9 +1,9 @@
-"""Compile a recipe's graphs for NeuronCores: one ModelBuilder graph per bucket, into ``graphs/``.
+"""Compile a recipe's graphs for NeuronCores: one ModelBuilder graph per static step shape, into ``graphs/``.
 
-Every graph is traced from the same model code as the CPU graphs, built with neuronx-distributed's
-parallel layers (``parallel_model.py``) and wrapped in the Neuron calling convention
-(``calling_convention.py``). Tracing needs no real weights, so no checkpoint is read here: the runner
-gives each rank its shard of the artifact's own ``weights/rank{r}.safetensors`` at load.
+Every graph is traced from the same model code as the CPU graph (the step), built with
+neuronx-distributed's parallel layers (``parallel_model.py``) and wrapped in the Neuron calling
+convention (``calling_convention.py``). Tracing needs no real weights, so no checkpoint is read here:
+the runner gives each rank its shard of the artifact's own ``weights/rank{r}.safetensors`` at load.
 
 ModelBuilder compiles all graphs in one call (neuronx-cc runs them in parallel threads) into one
 ``graphs/nxd_model.pt``: every GraphRecord names that file, its size is its own NEFF's, and its
@@ -17,13 +17,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-from torch import nn
-
-from neuron_serve.artifact.graphs import GraphSet, GraphSpec
+from neuron_serve.artifact.graphs import STEP, GraphSet
 from neuron_serve.artifact.manifest import GraphRecord
 from neuron_serve.backends.neuron import sdk
-from neuron_serve.backends.neuron.calling_convention import check_distinct_shapes, example_inputs, neuron_graph
+from neuron_serve.backends.neuron.calling_convention import NeuronStep, example_inputs, graph_name
 from neuron_serve.backends.neuron.parallel_model import LayerFactory, build_parallel_model
 from neuron_serve.backends.neuron.runner import GRAPHS_DIR
 from neuron_serve.model.config import ModelConfig
@@ -31,35 +28,25 @@ from neuron_serve.model.quantization import QuantSpec
 from neuron_serve.recipe.schema import Recipe
 
 
-def recipe_graphs(recipe: Recipe) -> dict[str, GraphSpec]:
-    return {s.name: s for s in GraphSet.from_shapes(recipe.shapes).specs()}
-
-
-def recipe_example_inputs(recipe: Recipe, config: ModelConfig) -> dict[str, tuple[torch.Tensor, ...]]:
-    """Every graph's example inputs, checked to be routable (no two graphs share input shapes)."""
-    shapes, dtype = recipe.shapes, recipe.model.torch_dtype
-    inputs = {
-        name: example_inputs(spec, config, recipe.target.tp_degree, shapes.batch_size, shapes.max_seq_len, dtype)
-        for name, spec in recipe_graphs(recipe).items()
-    }
-    check_distinct_shapes(inputs)
-    return inputs
+def recipe_graphs(recipe: Recipe) -> GraphSet:
+    """The graph set a neuron recipe compiles: static, one graph per shape."""
+    return GraphSet.from_shapes(recipe.shapes, static=True)
 
 
 def graph_factory(
     recipe: Recipe, config: ModelConfig, column_cls: LayerFactory | None = None, row_cls: LayerFactory | None = None
-) -> Callable[[str], nn.Module]:
-    """``factory(name)`` builds graph ``name``'s module. ModelBuilder calls it inside its mocked TP
-    world, where the default (neuronx-distributed) layers find their TP size."""
-    specs, dtype, kernels = recipe_graphs(recipe), recipe.model.torch_dtype, frozenset(recipe.kernels.enabled)
+) -> Callable[[], NeuronStep]:
+    """``factory()`` builds one graph's module (every graph's is the same; the shapes differ). ModelBuilder
+    calls it inside its mocked TP world, where the default (neuronx-distributed) layers find their TP size."""
+    shapes, dtype, kernels = recipe.shapes, recipe.model.torch_dtype, frozenset(recipe.kernels.enabled)
     quantization = QuantSpec.of(recipe.quantization)
 
-    def factory(name: str) -> nn.Module:
-        shapes, degree = recipe.shapes, recipe.target.tp_degree
+    def factory() -> NeuronStep:
+        degree = recipe.target.tp_degree
         model = build_parallel_model(
             config, shapes.max_seq_len, degree, dtype, column_cls, row_cls, kernels, quantization
         )
-        return neuron_graph(model, specs[name])
+        return NeuronStep(model, shapes.batch_size)
 
     return factory
 
@@ -71,7 +58,7 @@ def compile_for_neuron(recipe: Recipe, config: ModelConfig, staging: Path) -> li
     and removed when it succeeds.
     """
     sdk.require_sdk()
-    inputs = recipe_example_inputs(recipe, config)
+    inputs = example_inputs(recipe_graphs(recipe))
     out_dir = Path(staging) / GRAPHS_DIR
     workdir = Path(staging).with_name(Path(staging).name + ".neuronx-cc")
     started = time.perf_counter()
@@ -79,10 +66,11 @@ def compile_for_neuron(recipe: Recipe, config: ModelConfig, staging: Path) -> li
     seconds = (time.perf_counter() - started) / len(inputs)
     bundle, file = model_file.stat().st_size, model_file.relative_to(staging).as_posix()
     records = []
-    for name, spec in recipe_graphs(recipe).items():
+    for shape in recipe_graphs(recipe).compiled_shapes():
+        name = graph_name(shape)
         neff = workdir / name / "_tp0_bk0" / "graph.neff"
         size = neff.stat().st_size if neff.exists() else bundle // len(inputs)
-        # No compile-cache entry: the bundle holds every graph, so one changed bucket recompiles all.
-        records.append(GraphRecord(name, spec.kind, spec.bucket, file, round(seconds, 2), size, "", False))
+        # No compile-cache entry: the bundle holds every graph, so one changed shape recompiles all.
+        records.append(GraphRecord(name, STEP, shape.kv_len, file, round(seconds, 2), size, "", False))
     shutil.rmtree(workdir, ignore_errors=True)
     return records

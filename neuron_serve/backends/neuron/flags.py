@@ -28,6 +28,10 @@ def neuronx_cc_flags(recipe: Recipe) -> list[str]:
     if c.auto_cast != "none":
         flags.append(f"--auto-cast-type={c.auto_cast_type}")
     flags.append(f"-O{c.optlevel}")
+    # Masks use the dtype's lowest value, but the compiler's own transposes in matmuls can still make
+    # infinities, whose arithmetic gives NaN; this turns them into the largest finite values (on trn1
+    # and inf2; trn2 accepts it and needs nothing). NxD's ModelBuilder passes it by default too.
+    flags.append("--enable-saturate-infinity")
     if c.fast_loading:
         flags.append("--enable-fast-loading-neuron-binaries")
     flags += compiler_flags(QuantSpec.of(recipe.quantization))

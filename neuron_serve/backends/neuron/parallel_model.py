@@ -120,10 +120,11 @@ def build_parallel_model(
     kernels: frozenset[str] = frozenset(),
     quantization: QuantSpec | None = None,
 ) -> LlamaModel:
-    """The model as one NeuronCore of a TP group of ``degree`` sees it, using the fused ``kernels``,
+    """The model as one NeuronCore of a TP group of ``degree`` sees it, using the fused ``kernels``
+    (their NKI versions, `nki_kernels.registry`),
     its parallel layers NxD's quantized ones when `quantization` says (weights are placeholders:
     ModelBuilder traces without them, the runner gives each rank its shard)."""
-    model = LlamaModel(config, max_seq_len, LayerReducedTensorParallel(degree, 0), kernels).to(dtype)
+    model = LlamaModel(config, max_seq_len, LayerReducedTensorParallel(degree, 0), kernels, "neuron").to(dtype)
     # RoPE tables stay float32, as on the CPU path (`_run_layers` casts after indexing them).
     model.rope_cos, model.rope_sin = rope_tables(config, max_seq_len)
     model = to_parallel_layers(model, column_cls, row_cls)

@@ -10,7 +10,6 @@ input shapes match the call's exactly, so every graph must have distinct input s
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import shlex
 from collections.abc import Callable, Mapping
@@ -22,6 +21,18 @@ import torch
 from neuron_serve.backends.neuron.flags import neuronx_cc_flags
 from neuron_serve.recipe.schema import Recipe
 
+# The one Neuron SDK release neuron-serve is written against (README, docs/ARCHITECTURE.md): 2.31.1,
+# whose pytorch-inference-neuronx deep-learning container is the Dockerfile's base (the last one: from
+# SDK 2.32 the DLCs no longer ship NxD). These are that image's pins (aws-neuron/deep-learning-containers
+# at tag 2.31.1, pytorch/inference/2.9.0/Dockerfile.neuronx), and the `neuron` extra's. NKI 0.5 is the
+# first with NkiTensor.broadcast, which the kernels use (nki_kernels/availability.py).
+SDK_RELEASE = "2.31.1"
+SDK_PINS = {
+    "torch-neuronx": "2.9.0.2.15.32035",
+    "neuronx-distributed": "0.19.28492",
+    "neuronx-cc": "2.26.6360.0",
+    "nki": "0.5.0",
+}
 # import name -> pip package name
 SDK_PACKAGES = {"torch_neuronx": "torch-neuronx", "neuronx_distributed": "neuronx-distributed"}
 NEURON_PIP_INDEX = "https://pip.repos.neuron.amazonaws.com"
@@ -55,11 +66,13 @@ def _model_instance(module_factory: Callable[[], torch.nn.Module]) -> Any:
     from neuronx_distributed.trace.model_builder import BaseModelInstance
 
     class _Instance(BaseModelInstance):
-        # ModelBuilder calls load_module() inside its mocked TP world, so parallel layers built by
-        # the factory see the right tp_degree.
-        def load_module(self) -> None:
-            self.module = self.module_cls()
-            self.input_output_aliases = [{}]
+        # ModelBuilder calls load_module() (BaseModelInstance's: module_factory()) inside its mocked TP
+        # world, so parallel layers built by the factory see the right tp_degree; then get() per bucket.
+        def get(self, bucket_rank: int, **kwargs: Any) -> tuple[torch.nn.Module, dict]:
+            # The aliases name the module's own Parameter objects, so they are made per call, as NxD
+            # Inference's DecoderModelInstance.get does (NxDI 0.9, models/model_wrapper.py).
+            aliases = getattr(self.module, "cache_aliases", dict)()
+            return self.module, aliases
 
     return _Instance(module_factory, input_output_aliases={})
 
@@ -70,7 +83,7 @@ def _no_checkpoint() -> dict[str, torch.Tensor]:
 
 def compile_graphs(
     recipe: Recipe,
-    module_factory: Callable[[str], torch.nn.Module],
+    module_factory: Callable[[], torch.nn.Module],
     example_inputs: Mapping[str, tuple[torch.Tensor, ...]],
     checkpoint_loader: Callable[[], dict[str, torch.Tensor]] | None,
     out_dir: str | Path,
@@ -78,7 +91,9 @@ def compile_graphs(
 ) -> Path:
     """Trace and compile one graph per ``example_inputs`` entry; write the model (and weight shards).
 
-    ``module_factory(key)`` builds graph ``key``'s module with neuronx-distributed parallel layers.
+    ``module_factory()`` builds the graphs' module with neuronx-distributed parallel layers: every
+    graph runs the same code at its own input shapes. A module with device state (parameters that
+    its outputs update) names them in ``module.cache_aliases()``, ModelBuilder's input_output_aliases.
     ``checkpoint_loader`` returns the full (unsharded) state dict, which ModelBuilder shards per TP
     rank into ``out_dir/weights/tp{rank}_sharded_checkpoint.safetensors``; None writes no shards (the
     caller hands each rank's weights to `load_compiled`). ``workdir`` holds neuronx-cc's intermediate
@@ -101,7 +116,7 @@ def compile_graphs(
     for key, inputs in example_inputs.items():
         builder.add(
             key=key,
-            model_instance=_model_instance(functools.partial(module_factory, key)),
+            model_instance=_model_instance(module_factory),
             example_inputs=[inputs],
             compiler_args=compiler_args,
         )
@@ -117,7 +132,9 @@ def load_compiled(out_dir: str | Path, tp_degree: int, weights: list[dict[str, t
     """Load what compile_graphs wrote onto this process's NeuronCores (NEURON_RT_VISIBLE_CORES).
 
     ``weights``: each rank's tensors by parameter name; None reads the shards compile_graphs wrote.
-    The result is called as ``model(*inputs)`` and routes by input shapes.
+    The result is called as ``model(*inputs)``, with the argument list of every graph (the saved
+    executor is traced from the last graph's), routes by input shapes and returns the outputs that
+    are not aliased to states (a bare tensor when there is one).
     """
     require_sdk()
     import torch_neuronx  # noqa: F401  (registers the Neuron runtime ops that torch.jit.load needs)
