@@ -13,6 +13,8 @@ from neuron_serve import __version__
 from neuron_serve.bench.cli import add_bench_parser
 from neuron_serve.recipe.cli import add_recipe_parser
 from neuron_serve.recipe.schema import DTYPES, torch_dtype
+from neuron_serve.tune.plan_cli import add_plan_parser
+from neuron_serve.tune.tune_cli import add_tune_parser
 
 
 def _add_generate(subparsers) -> None:
@@ -148,6 +150,12 @@ def _add_serve(subparsers) -> None:
     p.add_argument("--max-waiting", type=int, help="bound of the waiting queue; beyond it requests get 429")
     p.add_argument("--model-name", help="the model id clients use (default: the recipe name)")
     p.add_argument("--log-prompts", action="store_true", help="include prompt text in the request log")
+    p.add_argument(
+        "--profile-dir",
+        default="profiles",
+        help="traffic profiles (counts, never text) go to PROFILE_DIR/<model name>/, at shutdown and on "
+        "POST /admin/traffic from this host (default: profiles)",
+    )
     p.set_defaults(func=_run_serve)
 
 
@@ -171,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(subparsers)
     _add_serve(subparsers)
     add_recipe_parser(subparsers)
+    add_tune_parser(subparsers)
     add_bench_parser(subparsers)
+    add_plan_parser(subparsers)
     return parser
 
 

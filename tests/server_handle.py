@@ -16,8 +16,8 @@ from neuron_serve.artifact.manifest import read_manifest
 
 
 class ServerHandle:
-    """Serves `artifacts` on a free port; its log goes next to the artifacts. `model` is the name it
-    serves under (the recipe's)."""
+    """Serves `artifacts` on a free port; its log and its traffic profiles (`profile_dir`) go next to
+    the artifacts. `model` is the name it serves under (the recipe's)."""
 
     def __init__(self, artifacts: Path, *extra: str, ready_timeout: float = 120):
         with socket.socket() as s:
@@ -26,6 +26,7 @@ class ServerHandle:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.artifacts = artifacts
         self.model = read_manifest(artifacts).recipe.name
+        self.profile_dir = artifacts.parent / f"profiles-{self.port}"
         command = [
             sys.executable,
             "-m",
@@ -36,6 +37,8 @@ class ServerHandle:
             "127.0.0.1",
             "--port",
             str(self.port),
+            "--profile-dir",
+            str(self.profile_dir),
             *extra,
         ]
         self.log = open(artifacts.parent / f"server-{self.port}.log", "w")  # noqa: SIM115

@@ -103,9 +103,11 @@ class Engine:
             if chunk.start == 0:
                 seq.scheduled_at = started
                 self.metrics.queue_time.observe(started - seq.arrival)
+                self.metrics.traffic["request_prompt_tokens"].observe(len(seq.prompt_ids))
         forward = self.runner.step(batch)
         elapsed = self._ran(forward, started)
         self.metrics.step(len(batch.decode_slots), batch.prompt_tokens, elapsed)
+        self.metrics.traffic_step(batch, self.scheduler.busy)
         self.metrics.occupancy.observe(len(batch.decode_slots) / len(self.scheduler.slots))
         self.steps.append(StepRecord.of(plan, elapsed))
         self._sample(plan, forward.logits)
@@ -153,6 +155,7 @@ class Engine:
         self.metrics.finished.labels(self.metrics.model_name, seq.finish_reason).inc()
         now = time.perf_counter()
         self.metrics.e2e.observe(now - seq.arrival)
+        self.metrics.traffic["request_generation_tokens"].observe(len(seq.output_ids))
         if seq.first_token_at is not None:
             self.metrics.decode_time.observe(now - seq.first_token_at)
 

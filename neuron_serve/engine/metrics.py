@@ -10,7 +10,10 @@ from __future__ import annotations
 import os
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+
+from neuron_serve.artifact.traffic import HISTOGRAMS, Binned, TrafficProfile
+from neuron_serve.model.step import StepBatch
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
 OCCUPANCY_BUCKETS = tuple(i / 16 for i in range(1, 17))
@@ -35,7 +38,6 @@ class Metrics:
         self.occupancy = hist("batch_occupancy", "Busy slots / slots, per decode step", OCCUPANCY_BUCKETS)
         self.step_time = hist("engine_step_seconds", "Time of one engine step (one graph call)")
         self.step_tokens = hist("engine_step_tokens", "Tokens per engine step, decode and prompt", TOKEN_BUCKETS)
-        self.step_prompt_tokens = hist("engine_step_prompt_tokens", "Prompt tokens per engine step", TOKEN_BUCKETS)
         self.step_seconds = Counter(
             P + "engine_step_seconds_by_part",
             "Engine step time split between decode and prompt tokens, in proportion to their count",
@@ -64,6 +66,8 @@ class Metrics:
             multiprocess_mode="max",
             **kw,
         )
+        # The traffic profile's histograms (artifact/traffic.py owns their names and bins).
+        self.traffic = {name: hist(name, doc, bins) for name, (doc, bins) in HISTOGRAMS.items()}
         self.running, self.waiting = self.running.labels(model_name), self.waiting.labels(model_name)
         self.accelerator_occupancy = self.accelerator_occupancy.labels(model_name)
         self._busy_s = 0.0
@@ -86,9 +90,21 @@ class Metrics:
         total = decode_tokens + prompt_tokens
         self.step_time.observe(seconds)
         self.step_tokens.observe(total)
-        self.step_prompt_tokens.observe(prompt_tokens)
         for part, count in (("decode", decode_tokens), ("prompt", prompt_tokens)):
             self.step_seconds.labels(self.model_name, part).inc(seconds * count / total if total else 0.0)
+
+    def traffic_step(self, batch: StepBatch, running: int) -> None:
+        """What a step asked of the graphs: its prompt tokens, the KV length it attends (every decode
+        position and the continued prompt's cached tokens) and its decode rows; and the concurrency."""
+        continued = batch.continued
+        kv_length = max([p + 1 for p in batch.decode_positions] + [continued.start if continued else 0])
+        if batch.chunks:
+            self.traffic["engine_step_prompt_tokens"].observe(batch.prompt_tokens)
+        if kv_length:
+            self.traffic["engine_step_kv_length"].observe(kv_length)
+        if batch.decode_slots:
+            self.traffic["engine_step_decode_rows"].observe(max(batch.decode_slots) + 1)
+        self.traffic["engine_step_running"].observe(running)
 
     def forward_time(self, seconds: float) -> None:
         """Accumulate forward-pass time; publish busy/wall over windows of at least 2 s."""
@@ -102,15 +118,49 @@ class Metrics:
         self.forward_time(0.0)
 
 
-def render() -> tuple[bytes, str]:
-    """The exposition text: summed over gunicorn workers when in multiprocess mode."""
-    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY
-
+def _registry() -> CollectorRegistry:
+    """Summed over gunicorn workers in multiprocess mode (live or exited), else this process's."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+        return registry
+    return REGISTRY
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text: summed over gunicorn workers when in multiprocess mode."""
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return generate_latest(_registry()), CONTENT_TYPE_LATEST
+
+
+def traffic_profile(deployment: str) -> TrafficProfile:
+    """The traffic histograms as they stand, over every model name and replica: counts only."""
+    families = {family.name: family for family in _registry().collect()}
+    profile = TrafficProfile(deployment)
+    for name, (_, bins) in HISTOGRAMS.items():
+        family = families.get(P + name)
+        profile.histograms[name] = _binned(family.samples if family else [], bins)
+    return profile
+
+
+def _binned(samples, bins: tuple[int, ...]) -> Binned:
+    """Prometheus' cumulative `le` buckets (summed over labels) as counts per bin."""
+    cumulative, everything, total = dict.fromkeys(bins, 0.0), 0.0, 0.0
+    for sample in samples:
+        if sample.name.endswith("_bucket"):
+            le = float(sample.labels["le"])
+            if le in cumulative:
+                cumulative[le] += sample.value
+            else:
+                everything += sample.value  # le="+Inf"
+        elif sample.name.endswith("_sum"):
+            total += sample.value
+    counts, below = [], 0.0
+    for bound in bins:
+        counts.append(round(cumulative[bound] - below))
+        below = cumulative[bound]
+    return Binned(bins, counts, round(everything - below), total)
 
 
 _by_model: dict[str, Metrics] = {}

@@ -10,7 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from neuron_serve.model.config import ModelConfig, UnsupportedModelError
-from neuron_serve.recipe.files import dumps_recipe, load_recipe
+from neuron_serve.recipe.files import emit_recipe, load_recipe
 from neuron_serve.recipe.lmi import DEFAULT_INSTANCE, convert_lmi
 from neuron_serve.recipe.memory import memory_report
 from neuron_serve.recipe.schema import HeadCounts, Recipe, RecipeError
@@ -47,7 +47,7 @@ def add_recipe_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     return recipe
 
 
-def _model_config_path(recipe: Recipe, recipe_dir: Path) -> Path | None:
+def model_config_path(recipe: Recipe, recipe_dir: Path) -> Path | None:
     """The config.json a recipe names: its [model] config (relative to `recipe_dir`, the recipe file's
     directory), else the one in a local [model] source."""
     if recipe.model.config:
@@ -80,7 +80,7 @@ def _memory_note(recipe: Recipe, config: HeadCounts | None, why: str) -> str | N
     return f"Memory per NeuronCore: not checked: {why}"
 
 
-def _config_reference(config: Path, out: Path | None) -> str:
+def config_reference(config: Path, out: Path | None) -> str:
     """[model] config naming `config` in a recipe written to `out`: relative to the recipe's
     directory, or absolute when the recipe goes to stdout (its directory is unknown)."""
     if out is None:
@@ -91,14 +91,14 @@ def _config_reference(config: Path, out: Path | None) -> str:
 def run_from_lmi(args: argparse.Namespace) -> int:
     try:
         recipe, notes = convert_lmi(args.properties, args.instance, args.name, model_config=args.model_config)
-        config_path = args.model_config or _model_config_path(recipe, Path.cwd())
+        config_path = args.model_config or model_config_path(recipe, Path.cwd())
         config = _read_model_config(config_path)[0] if config_path else None
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.model_config:
         # The recipe names the config that sized it, so that `recipe validate` finds it again.
-        recipe.model.config = _config_reference(args.model_config, args.out)
+        recipe.model.config = config_reference(args.model_config, args.out)
     errors = recipe_errors(recipe, config)
     # Notes go to stderr so that stdout stays a clean TOML document when no --out is given.
     print("Options not carried over, changed on the way, or defaulted:", file=sys.stderr)
@@ -109,13 +109,7 @@ def run_from_lmi(args: argparse.Namespace) -> int:
         for e in errors:
             print(f"  - {e}", file=sys.stderr)
         return 1
-    text = dumps_recipe(recipe, comment=f"Imported from {args.properties} by `neuron-serve recipe from-lmi`.")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-        print(f"wrote {args.out}", file=sys.stderr)
-    else:
-        print(text, end="")
+    emit_recipe(recipe, f"Imported from {args.properties} by `neuron-serve recipe from-lmi`.", args.out)
     return 0
 
 
@@ -126,7 +120,7 @@ def run_validate(args: argparse.Namespace) -> int:
             config, why = _read_model_config(args.model_config)
         recipe = load_recipe(args.recipe, model_config=config)
         # A config that the recipe names is found once the recipe is read; its rules run then.
-        if config is None and (path := _model_config_path(recipe, args.recipe.parent)):
+        if config is None and (path := model_config_path(recipe, args.recipe.parent)):
             config, why = _read_model_config(path)
             if errors := recipe_errors(recipe, config):
                 raise RecipeError(errors, source=str(args.recipe))

@@ -7,6 +7,7 @@ silently), and every error is collected and reported together, each naming its f
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -135,3 +136,15 @@ def dumps_recipe(recipe: Recipe, comment: str = "") -> str:
 def save_recipe(recipe: Recipe, path: str | Path, comment: str = "") -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(dumps_recipe(recipe, comment))
+
+
+def emit_recipe(recipe: Recipe, comment: str, out: Path | None) -> None:
+    """Write a recipe to `out` (its directory made), saying so on stderr; or print it on stdout,
+    where a command's report goes to stderr so that stdout stays one TOML document."""
+    text = dumps_recipe(recipe, comment=comment)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        print(f"wrote {out}", file=sys.stderr)
+    else:
+        print(text, end="")

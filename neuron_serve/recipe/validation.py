@@ -233,7 +233,7 @@ TARGET_KINDS = tuple(TARGET_RULES)
 TARGET_MODEL_RULES = {"neuron": _neuron_model_errors}
 
 
-def _check_heads(errors: list[str], tp: int, config: HeadCounts) -> None:
+def check_heads(errors: list[str], tp: int, config: HeadCounts) -> None:
     heads, kv = config.num_attention_heads, config.num_key_value_heads
     if heads % tp:
         errors.append(f"target.tp_degree: the model's {heads} attention heads are not divisible by {tp}")
@@ -268,7 +268,7 @@ def recipe_errors(recipe: Recipe, model_config: HeadCounts | None = None) -> lis
     if r.target.kind in TARGET_RULES:
         TARGET_RULES[r.target.kind](errors, r)
     if model_config is not None and r.target.tp_degree >= 1:
-        _check_heads(errors, r.target.tp_degree, model_config)
+        check_heads(errors, r.target.tp_degree, model_config)
     _check_shapes(errors, r.shapes)
     kernels = known_kernels()
     for k in r.kernels.enabled:

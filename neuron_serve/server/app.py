@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from neuron_serve.engine.metrics import render
+from neuron_serve.engine.metrics import render, traffic_profile
 from neuron_serve.server.protocol import APIError
 from neuron_serve.server.routes import register_routes
 from neuron_serve.server.service import ModelService
+
+LOOPBACK = ("127.0.0.1", "::1")
 
 
 def create_app(service: ModelService) -> Flask:
@@ -44,6 +46,17 @@ def create_app(service: ModelService) -> Flask:
     def metrics():
         payload, content_type = render()
         return Response(payload, content_type=content_type)
+
+    @app.post("/admin/traffic")
+    def write_traffic():
+        """Write the traffic profile (every replica's counts, no text) now. Only from this host: the
+        other routes serve tenants, this one writes files."""
+        if request.remote_addr not in LOOPBACK:
+            raise APIError(403, "/admin/traffic answers requests from this host only", None, "permission_error")
+        profile = traffic_profile(service.settings.model_name)
+        path = profile.write(service.settings.profile_dir)
+        requests_seen = profile.histograms["request_prompt_tokens"].observations
+        return jsonify({"path": str(path), "requests": requests_seen})
 
     register_routes(app, service)
     return app

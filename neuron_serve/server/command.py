@@ -85,6 +85,15 @@ def child_exit(server, worker) -> None:
     multiprocess.mark_process_dead(worker.pid)
 
 
+def on_exit(server) -> None:
+    """At shutdown (SIGTERM included, once the workers are gone), write the traffic profile."""
+    from neuron_serve.engine.metrics import traffic_profile
+
+    settings = server.app.settings
+    path = traffic_profile(settings.model_name).write(settings.profile_dir)
+    server.log.info("traffic profile written: %s", path)
+
+
 def describe(manifest: ArtifactManifest, artifacts: Path) -> str:
     """What a replica will run: the precision the compile chose for this machine, the slots and the step budget."""
     recipe, graphs = manifest.recipe, GraphSet.from_shapes(manifest.recipe.shapes)
@@ -107,6 +116,7 @@ def serve(args: argparse.Namespace) -> int:
         max_waiting=max_waiting,
         max_tokens_default=serve_section.max_tokens_default,
         log_prompts=args.log_prompts,
+        profile_dir=Path(args.profile_dir),
     )
     batch_size = manifest.recipe.shapes.batch_size
     print(describe(manifest, artifacts), file=sys.stderr)
@@ -122,6 +132,7 @@ def serve(args: argparse.Namespace) -> int:
         "pre_fork": pre_fork,
         "post_fork": post_fork,
         "child_exit": child_exit,
+        "on_exit": on_exit,
         "errorlog": "-",
         "loglevel": "info",
     }

@@ -30,6 +30,7 @@ class ServeSettings:
     max_tokens_default: int = 256
     max_body_bytes: int = 4 * 1024 * 1024
     log_prompts: bool = False
+    profile_dir: Path = Path("profiles")  # traffic profiles go to profile_dir/<model_name>/
 
 
 class ModelService:

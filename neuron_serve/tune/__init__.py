@@ -1,0 +1,1 @@
+"""Feed back: what served traffic and device profiles say, turned into better compile settings."""

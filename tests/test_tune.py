@@ -1,0 +1,74 @@
+"""`neuron-serve tune`: a recipe's buckets refitted to captured traffic, each change with its figures."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from neuron_serve.artifact.traffic import HISTOGRAMS, Binned, TrafficProfile
+from neuron_serve.cli import main
+from neuron_serve.recipe.files import load_recipe
+from neuron_serve.recipe.validation import recipe_errors
+from neuron_serve.tune.buckets import padding_of
+from neuron_serve.tune.tune import MIN_OBSERVATIONS, tune
+
+RECIPE = Path(__file__).resolve().parent.parent / "compile" / "smollm2-135m-cpu.toml"
+
+
+def binned(name: str, values: list[int]) -> Binned:
+    bins = HISTOGRAMS[name][1]
+    counts = [0] * len(bins)
+    for value in values:
+        counts[next(i for i, b in enumerate(bins) if value <= b)] += 1
+    return Binned(bins, counts, 0, float(sum(values)))
+
+
+def skewed_profile(steps: int, seed: int = 0) -> TrafficProfile:
+    """Steps whose prompt tokens sit near 40 (most) or fill the 128-token budget, KV lengths mostly
+    short, and few streams decoding."""
+    rng = random.Random(seed)
+    prompt = [rng.choice([rng.randint(33, 48)] * 4 + [128]) for _ in range(steps)]
+    kv = [rng.choice([rng.randint(100, 300)] * 9 + [rng.randint(1500, 2048)]) for _ in range(steps)]
+    rows = [rng.randint(1, 3) for _ in range(steps)]
+    histograms = {name: binned(name, []) for name in HISTOGRAMS}
+    histograms["engine_step_prompt_tokens"] = binned("engine_step_prompt_tokens", prompt)
+    histograms["engine_step_kv_length"] = binned("engine_step_kv_length", kv)
+    histograms["engine_step_decode_rows"] = binned("engine_step_decode_rows", rows)
+    return TrafficProfile("smollm2-135m-cpu", histograms, "20261130T000000Z")
+
+
+def test_each_ladder_is_refitted_with_at_most_as_many_buckets_and_less_padding():
+    recipe, profile = load_recipe(RECIPE), skewed_profile(2000)
+    tuned, changes, warnings = tune(recipe, profile)
+    assert not recipe_errors(tuned) and warnings == []
+    by_field = {c.field: c for c in changes}
+    for field, histogram in (
+        ("context_buckets", "engine_step_prompt_tokens"),
+        ("token_buckets", "engine_step_kv_length"),
+        ("batch_buckets", "engine_step_decode_rows"),
+    ):
+        change = by_field[field]
+        assert change.changed and len(change.after) <= len(change.before) and change.after[-1] == change.before[-1]
+        observed = profile.histograms[histogram].by_length()
+        before, after = padding_of(observed, change.before), padding_of(observed, change.after)
+        assert after.wasted_tokens < before.wasted_tokens
+        assert (
+            f"{before.wasted_tokens:,} padding" in change.reason and f"{after.wasted_tokens:,} padding" in change.reason
+        )
+        assert getattr(tuned.shapes, field) == list(change.after)
+
+
+def test_too_little_traffic_changes_nothing_and_says_so():
+    recipe = load_recipe(RECIPE)
+    tuned, changes, _ = tune(recipe, skewed_profile(MIN_OBSERVATIONS - 1))
+    assert tuned.shapes == recipe.shapes
+    assert all(f"{MIN_OBSERVATIONS - 1} steps observed" in c.reason for c in changes)
+
+
+def test_the_cli_writes_the_tuned_recipe_and_reports_on_stderr(tmp_path, capsys):
+    skewed_profile(2000).write(tmp_path / "profiles" / "smollm2-135m-cpu")
+    out = tmp_path / "tuned.toml"
+    assert main(["tune", str(RECIPE), "--profiles", str(tmp_path / "profiles"), "--out", str(out)]) == 0
+    report = capsys.readouterr().err
+    assert "shapes.context_buckets: [16, 32, 64, 96, 128] -> [" in report and f"wrote {out}" in report
+    assert load_recipe(out).shapes != load_recipe(RECIPE).shapes
