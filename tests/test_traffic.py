@@ -12,7 +12,15 @@ import pytest
 import requests
 from server_handle import ServerHandle
 
-from neuron_serve.artifact.traffic import HISTOGRAMS, LENGTH_BINS, SCHEMA, Binned, TrafficProfile, TrafficProfileError
+from neuron_serve.artifact.traffic import (
+    HISTOGRAMS,
+    LENGTH_BINS,
+    SCHEMA,
+    TTFT,
+    Binned,
+    TrafficProfile,
+    TrafficProfileError,
+)
 
 WORD = "zebra"  # in every prompt, so that a profile holding text would show it
 
@@ -21,6 +29,7 @@ def test_a_profile_reads_back_as_written_and_merges(tmp_path):
     counts = [0] * len(LENGTH_BINS)
     counts[2] = 5  # five prompts of 33..48 tokens
     profile = TrafficProfile("demo", {"request_prompt_tokens": Binned(LENGTH_BINS, counts, 1, 250.0)})
+    profile.graphs = {"step_prompt_64": (50, 64)}
     path = profile.write(tmp_path)
     assert path.parent == tmp_path / "demo" and path.name.startswith("traffic-")
     again = TrafficProfile.read(path)
@@ -28,6 +37,13 @@ def test_a_profile_reads_back_as_written_and_merges(tmp_path):
     assert again.histograms["request_prompt_tokens"].observations == 6
     both = again.merged(again).histograms["request_prompt_tokens"]
     assert (both.by_length(), both.overflow, both.total) == ({48: 10}, 2, 500.0)
+    assert again.merged(again).graphs == {"step_prompt_64": (100, 128)}
+
+
+def test_quantiles_are_the_upper_bound_of_their_bin():
+    latencies = Binned((0.1, 0.5, 1.0), [6, 3, 1], overflow=0)
+    assert [latencies.quantile(q) for q in (0.5, 0.6, 0.9, 0.99)] == [0.1, 0.1, 0.5, 1.0]
+    assert Binned((0.1,), [1], overflow=1).quantile(0.99) == float("inf")
 
 
 def test_another_schema_is_refused_by_name(tmp_path):
@@ -72,7 +88,9 @@ def test_two_replicas_are_summed_on_demand_and_at_shutdown_with_no_text(tiny_art
     at_exit = [p for p in (server.profile_dir / server.model).glob("traffic-*.json") if str(p) != served.json()["path"]]
     assert at_exit, "SIGTERM writes the profile at shutdown: " + server.logs()
     for profile in (on_demand, TrafficProfile.read(at_exit[-1])):
-        assert set(profile.histograms) == set(HISTOGRAMS)
+        assert set(HISTOGRAMS) < set(profile.histograms)
+        assert profile.histograms[TTFT].observations == len(prompts)
+        assert profile.graphs and all(0 < real <= padded for real, padded in profile.graphs.values())
         prompts_seen = profile.histograms["request_prompt_tokens"]
         assert prompts_seen.observations == len(prompts) and prompts_seen.total == sum(prompt_tokens)
         assert profile.histograms["request_generation_tokens"].by_length() == {16: len(prompts)}  # 4 tokens each

@@ -71,4 +71,5 @@ def test_the_cli_writes_the_tuned_recipe_and_reports_on_stderr(tmp_path, capsys)
     assert main(["tune", str(RECIPE), "--profiles", str(tmp_path / "profiles"), "--out", str(out)]) == 0
     report = capsys.readouterr().err
     assert "shapes.context_buckets: [16, 32, 64, 96, 128] -> [" in report and f"wrote {out}" in report
+    assert "  0 requests" in report  # the synthetic profile holds steps only
     assert load_recipe(out).shapes != load_recipe(RECIPE).shapes

@@ -33,6 +33,12 @@ HISTOGRAMS = {
 }
 
 
+# The server's own latency and step-size histograms (their bins are engine/metrics.py's), which a profile
+# carries too.
+TTFT, ITL, QUEUE_TIME = "time_to_first_token_seconds", "inter_token_latency_seconds", "request_queue_time_seconds"
+STEP_TOKENS = "engine_step_tokens"
+
+
 class TrafficProfileError(ValueError):
     """A file that is not a traffic profile of this schema."""
 
@@ -46,6 +52,15 @@ class Binned:
     overflow: int = 0
     total: float = 0.0
 
+    def quantile(self, q: float) -> float:
+        """The upper bound of the bin that holds the q-quantile (inf past the last bin, nan when empty)."""
+        seen, rank = 0, q * self.observations
+        for bound, count in zip(self.bounds, self.counts, strict=True):
+            seen += count
+            if count and seen >= rank:
+                return float(bound)
+        return float("inf") if self.overflow else float("nan")
+
     def by_length(self) -> dict[int, int]:
         """{bin upper bound: count} of the non-empty bins, for fitting buckets."""
         return {int(b): c for b, c in zip(self.bounds, self.counts, strict=True) if c}
@@ -57,9 +72,13 @@ class Binned:
 
 @dataclass
 class TrafficProfile:
+    """`histograms` by metric name (the ones above, and the server's latency histograms); `graphs`: each
+    graph's (real, padded) token slots, the padding of every bucket the engine ran."""
+
     deployment: str
     histograms: dict[str, Binned] = field(default_factory=dict)
     written_at: str = ""
+    graphs: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def write(self, directory: Path) -> Path:
         """Write ``directory/<deployment>/traffic-<UTC time>.json``; returns its path."""
@@ -74,6 +93,7 @@ class TrafficProfile:
                 name: {"bounds": list(h.bounds), "counts": h.counts, "overflow": h.overflow, "sum": h.total}
                 for name, h in self.histograms.items()
             },
+            "graphs": {name: {"real": real, "padded": padded} for name, (real, padded) in self.graphs.items()},
         }
         path.write_text(json.dumps(body, indent=1))
         return path
@@ -88,9 +108,10 @@ class TrafficProfile:
                 name: Binned(tuple(h["bounds"]), list(h["counts"]), int(h["overflow"]), float(h["sum"]))
                 for name, h in body["histograms"].items()
             }
+            graphs = {name: (int(g["real"]), int(g["padded"])) for name, g in body.get("graphs", {}).items()}
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise TrafficProfileError(f"{path}: not a {SCHEMA} traffic profile ({type(e).__name__}: {e})") from e
-        return cls(body["deployment"], histograms, body["written_at"])
+        return cls(body["deployment"], histograms, body["written_at"], graphs)
 
     def merged(self, other: TrafficProfile) -> TrafficProfile:
         """Both profiles' counts added (profiles of the same deployment over time)."""
@@ -104,4 +125,8 @@ class TrafficProfile:
                 raise TrafficProfileError(f"histogram {name}: the profiles bin it differently")
             counts = [a + b for a, b in zip(mine.counts, h.counts, strict=True)]
             histograms[name] = Binned(mine.bounds, counts, mine.overflow + h.overflow, mine.total + h.total)
-        return TrafficProfile(self.deployment, histograms, max(self.written_at, other.written_at))
+        graphs = dict(self.graphs)
+        for name, (real, padded) in other.graphs.items():
+            mine_real, mine_padded = graphs.get(name, (0, 0))
+            graphs[name] = (mine_real + real, mine_padded + padded)
+        return TrafficProfile(self.deployment, histograms, max(self.written_at, other.written_at), graphs)

@@ -12,13 +12,15 @@ import time
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
-from neuron_serve.artifact.traffic import HISTOGRAMS, Binned, TrafficProfile
+from neuron_serve.artifact.traffic import HISTOGRAMS, ITL, QUEUE_TIME, STEP_TOKENS, TTFT, Binned, TrafficProfile
 from neuron_serve.model.step import StepBatch
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
 OCCUPANCY_BUCKETS = tuple(i / 16 for i in range(1, 17))
 TOKEN_BUCKETS = tuple(2**i for i in range(13))
 P = "neuron_serve:"
+# The latency and step-size histograms a traffic profile carries beside its own (artifact/traffic.py).
+PROFILED = {TTFT: LATENCY_BUCKETS, ITL: LATENCY_BUCKETS, QUEUE_TIME: LATENCY_BUCKETS, STEP_TOKENS: TOKEN_BUCKETS}
 
 
 class Metrics:
@@ -29,15 +31,15 @@ class Metrics:
         def hist(name, doc, buckets=LATENCY_BUCKETS):
             return Histogram(P + name, doc, buckets=buckets, **kw).labels(model_name)
 
-        self.ttft = hist("time_to_first_token_seconds", "Time from request arrival to its first token")
-        self.itl = hist("inter_token_latency_seconds", "Time between two tokens of one request")
+        self.ttft = hist(TTFT, "Time from request arrival to its first token")
+        self.itl = hist(ITL, "Time between two tokens of one request")
         self.e2e = hist("e2e_request_latency_seconds", "Time from request arrival to its last token")
-        self.queue_time = hist("request_queue_time_seconds", "Time a request waited for a slot")
+        self.queue_time = hist(QUEUE_TIME, "Time a request waited for a slot")
         self.prefill_time = hist("request_prefill_time_seconds", "Time of a request's prefill")
         self.decode_time = hist("request_decode_time_seconds", "Time from a request's first token to its last")
         self.occupancy = hist("batch_occupancy", "Busy slots / slots, per decode step", OCCUPANCY_BUCKETS)
         self.step_time = hist("engine_step_seconds", "Time of one engine step (one graph call)")
-        self.step_tokens = hist("engine_step_tokens", "Tokens per engine step, decode and prompt", TOKEN_BUCKETS)
+        self.step_tokens = hist(STEP_TOKENS, "Tokens per engine step, decode and prompt", TOKEN_BUCKETS)
         self.step_seconds = Counter(
             P + "engine_step_seconds_by_part",
             "Engine step time split between decode and prompt tokens, in proportion to their count",
@@ -138,13 +140,26 @@ def traffic_profile(deployment: str) -> TrafficProfile:
     """The traffic histograms as they stand, over every model name and replica: counts only."""
     families = {family.name: family for family in _registry().collect()}
     profile = TrafficProfile(deployment)
-    for name, (_, bins) in HISTOGRAMS.items():
+    binned = {name: bins for name, (_, bins) in HISTOGRAMS.items()} | PROFILED
+    for name, bins in binned.items():
         family = families.get(P + name)
         profile.histograms[name] = _binned(family.samples if family else [], bins)
+    profile.graphs = _graph_padding(families)
     return profile
 
 
-def _binned(samples, bins: tuple[int, ...]) -> Binned:
+def _graph_padding(families: dict) -> dict[str, tuple[int, int]]:
+    """Each graph's (real, padded) token slots, summed over replicas."""
+    totals: dict[str, list[int]] = {}
+    for index, kind in enumerate(("real", "padded")):
+        family = families.get(P + f"bucket_{kind}_tokens")
+        for sample in family.samples if family else []:
+            if sample.name.endswith("_total"):
+                totals.setdefault(sample.labels["bucket"], [0, 0])[index] += round(sample.value)
+    return {graph: (real, padded) for graph, (real, padded) in totals.items()}
+
+
+def _binned(samples, bins: tuple[float, ...]) -> Binned:
     """Prometheus' cumulative `le` buckets (summed over labels) as counts per bin."""
     cumulative, everything, total = dict.fromkeys(bins, 0.0), 0.0, 0.0
     for sample in samples:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from neuron_serve.artifact.graphs import GraphSet
-from neuron_serve.artifact.traffic import LENGTH_STEP, TrafficProfile
+from neuron_serve.artifact.traffic import ITL, LENGTH_STEP, QUEUE_TIME, TTFT, TrafficProfile
 from neuron_serve.recipe.schema import Recipe
 from neuron_serve.recipe.validation import recipe_errors
 from neuron_serve.tune.buckets import BucketFit, fit_buckets, padding_of
@@ -123,3 +123,18 @@ def _warnings(recipe: Recipe, profile: TrafficProfile) -> list[str]:
         f"{longer} of {prompts.observations} prompts were longer than the largest context bucket ({largest}) "
         "and were prefilled over several steps; a larger bucket (and token budget) would take them in one"
     ]
+
+
+def traffic_summary(profile: TrafficProfile) -> str:
+    """One line of what was served: requests, and the bins holding the latencies' p50 and p99."""
+    requests = profile.histograms["request_prompt_tokens"].observations
+    parts = [f"{requests} requests"]
+    for label, name in (("TTFT", TTFT), ("ITL", ITL), ("queue", QUEUE_TIME)):
+        if name in profile.histograms:
+            h = profile.histograms[name]
+            parts.append(f"{label} p50 <= {h.quantile(0.5):g} s, p99 <= {h.quantile(0.99):g} s")
+    padded = sum(p for _, p in profile.graphs.values())
+    if padded:
+        real = sum(r for r, _ in profile.graphs.values())
+        parts.append(f"{1 - real / padded:.1%} of the graphs' token slots were padding")
+    return "; ".join(parts)

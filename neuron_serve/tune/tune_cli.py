@@ -18,13 +18,14 @@ def add_tune_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    from neuron_serve.tune.tune import read_profiles, tune  # lazily: the CLI starts without torch
+    from neuron_serve.tune.tune import read_profiles, traffic_summary, tune  # lazily: the CLI starts without torch
 
     recipe = load_recipe(args.recipe)
     profile = read_profiles(args.profiles or Path("profiles") / recipe.name)
     tuned, changes, warnings = tune(recipe, profile)
     # The report goes to stderr, so that stdout stays a clean TOML document when no --out is given.
     print(f"Tuning {args.recipe} on the traffic of {profile.deployment} (to {profile.written_at}):", file=sys.stderr)
+    print(f"  {traffic_summary(profile)}", file=sys.stderr)
     for change in changes:
         verdict = f"{list(change.before)} -> {list(change.after)}" if change.changed else "kept"
         print(f"  shapes.{change.field}: {verdict}: {change.reason}", file=sys.stderr)
