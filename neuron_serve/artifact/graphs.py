@@ -85,9 +85,7 @@ class GraphSet:
         prompts = _bucket(power_of_two_buckets(self.max_prompts, 1), max(1, len(batch.chunks)))
         if self.static and batch.chunks:
             rows, prompts = self.batch_size, self.max_prompts
-        continued = batch.continued
-        needed = max([p + 1 for p in batch.decode_positions] + [continued.start if continued else 1])
-        kv_len = _bucket(self.token_buckets, needed)
+        kv_len = _bucket(self.token_buckets, max(batch.kv_length, 1))
         shape = StepShape(rows, prompt_tokens, prompts, kv_len)
         uses = []
         if batch.decode_slots:

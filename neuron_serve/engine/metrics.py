@@ -98,12 +98,10 @@ class Metrics:
     def traffic_step(self, batch: StepBatch, running: int) -> None:
         """What a step asked of the graphs: its prompt tokens, the KV length it attends (every decode
         position and the continued prompt's cached tokens) and its decode rows; and the concurrency."""
-        continued = batch.continued
-        kv_length = max([p + 1 for p in batch.decode_positions] + [continued.start if continued else 0])
         if batch.chunks:
             self.traffic["engine_step_prompt_tokens"].observe(batch.prompt_tokens)
-        if kv_length:
-            self.traffic["engine_step_kv_length"].observe(kv_length)
+        if batch.kv_length:
+            self.traffic["engine_step_kv_length"].observe(batch.kv_length)
         if batch.decode_slots:
             self.traffic["engine_step_decode_rows"].observe(max(batch.decode_slots) + 1)
         self.traffic["engine_step_running"].observe(running)

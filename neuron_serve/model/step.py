@@ -46,6 +46,13 @@ class StepBatch:
         return sum(len(c.tokens) for c in self.chunks)
 
     @property
+    def kv_length(self) -> int:
+        """Cache positions the step attends: every decode position's predecessors and the continued
+        prompt's cached tokens (0 for a step of fresh prompts only)."""
+        continued = self.continued
+        return max([p + 1 for p in self.decode_positions] + [continued.start if continued else 0])
+
+    @property
     def continued(self) -> PromptChunk | None:
         """The chunk that continues a prompt begun in an earlier step, if any (at most one)."""
         return next((c for c in self.chunks if c.start > 0), None)
