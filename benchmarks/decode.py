@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from benchmarks.roofline import matmul_flops, memory_read_bandwidth
 from neuron_serve.backends.base import run_decode
 from neuron_serve.backends.registry import open_runner
 from neuron_serve.model.quantization import QuantizedLinear, QuantSpec
 from neuron_serve.model.state import model_from_state_dict
+from neuron_serve.tune.host_limits import matmul_flops, memory_read_bandwidth
 from neuron_serve.weights.loader import build_model, load_model_files
 
 

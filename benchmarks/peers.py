@@ -34,13 +34,13 @@ import matplotlib
 import requests
 import torch
 
-from benchmarks.roofline import matmul_flops, memory_read_bandwidth
 from neuron_serve.artifact.manifest import read_manifest
 from neuron_serve.compiler.compile import compile_recipe
 from neuron_serve.model.config import ModelConfig
 from neuron_serve.model.linear import Linear
 from neuron_serve.model.quantization import QuantizedLinear, QuantSpec, linear_group, quantize_weight
 from neuron_serve.recipe.files import load_recipe
+from neuron_serve.tune.host_limits import matmul_flops, memory_read_bandwidth
 from neuron_serve.weights.local_cache import cache_dir
 from neuron_serve.weights.sources import resolve_source
 from tests.server_handle import ServerHandle

@@ -14,6 +14,7 @@ from neuron_serve.bench.cli import add_bench_parser
 from neuron_serve.recipe.cli import add_recipe_parser
 from neuron_serve.recipe.schema import DTYPES, torch_dtype
 from neuron_serve.tune.plan_cli import add_plan_parser
+from neuron_serve.tune.profile_cli import add_profile_parser
 from neuron_serve.tune.tune_cli import add_tune_parser
 
 
@@ -179,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(subparsers)
     _add_serve(subparsers)
     add_recipe_parser(subparsers)
+    add_profile_parser(subparsers)
     add_tune_parser(subparsers)
     add_bench_parser(subparsers)
     add_plan_parser(subparsers)

@@ -14,11 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import eager_runner, tiny_recipe, wait_finished
-from rich.console import Console
 
 import nki_kernels
-from neuron_serve.artifact.compile_cache import CompileCache
-from neuron_serve.backends.base import CompileJob, run_decode, run_prompt
+from neuron_serve.backends.base import run_decode, run_prompt
 from neuron_serve.backends.cpu.compile import tracing_model
 from neuron_serve.backends.cpu.export import compile_step_graph, constants_map
 from neuron_serve.backends.registry import open_runner
@@ -150,10 +148,7 @@ def test_recipe_kernels_reach_the_traced_and_the_eager_model(tmp_path):
     artifacts = compile_recipe(recipe, tmp_path / "tiny-eager").out_dir
     runner, manifest = open_runner(artifacts)
     assert runner.model.kernels == ALL
-    job = CompileJob(
-        recipe, manifest.model_config, artifacts, tmp_path, CompileCache(tmp_path / "cache"), Console(), {}
-    )
-    assert tracing_model(job).kernels == ALL
+    assert tracing_model(recipe, manifest.model_config, artifacts / manifest.weights[0]).kernels == ALL
     with pytest.raises(ValueError, match="unknown kernels"):
         model_from_state_dict(manifest.model_config, {}, 8, kernels=frozenset({"flash"}))
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import signal
 import statistics
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import openai
 import pytest
@@ -197,7 +199,7 @@ def test_invocations_plain_and_streaming(tiny_server):
     assert plain["details"]["generated_tokens"] == 6 and isinstance(plain["generated_text"], str)
     with requests.post(url, json=body, headers={"Accept": "text/event-stream"}, stream=True, timeout=30) as r:
         lines = [json.loads(line[6:]) for line in r.iter_lines(decode_unicode=True) if line]
-    assert "".join(e["token"]["text"] for e in lines[:-1]) == lines[-1]["generated_text"] == plain["generated_text"]
+    assert "".join(e["token"]["text"] for e in lines) == lines[-1]["generated_text"] == plain["generated_text"]
     with requests.post(url, json=body, headers={"Accept": "application/jsonlines"}, stream=True, timeout=30) as r:
         records = [json.loads(line) for line in r.iter_lines(decode_unicode=True) if line]
     assert records[-1]["generated_text"] == plain["generated_text"]
@@ -299,5 +301,7 @@ def test_sigterm_drains_in_flight_streams(tiny_artifacts):
         for lines in results:
             assert lines[-1] == "data: [DONE]"
             assert json.loads(lines[-2][6:])["usage"]["completion_tokens"] == 100
+        # The metrics of the exited server are gone with it, not left in the temp folder.
+        assert not (Path(tempfile.gettempdir()) / f"neuron-serve-metrics-{server.process.pid}").exists()
     finally:
         server.stop()

@@ -39,9 +39,9 @@ def skewed_profile(steps: int, seed: int = 0) -> TrafficProfile:
 
 def test_each_ladder_is_refitted_with_at_most_as_many_buckets_and_less_padding():
     recipe, profile = load_recipe(RECIPE), skewed_profile(2000)
-    tuned, changes, warnings = tune(recipe, profile)
-    assert not recipe_errors(tuned) and warnings == []
-    by_field = {c.field: c for c in changes}
+    result = tune(recipe, profile)
+    assert not recipe_errors(result.recipe) and result.warnings == []
+    by_field = {c.field.removeprefix("shapes."): c for c in result.changes}
     for field, histogram in (
         ("context_buckets", "engine_step_prompt_tokens"),
         ("token_buckets", "engine_step_kv_length"),
@@ -55,14 +55,14 @@ def test_each_ladder_is_refitted_with_at_most_as_many_buckets_and_less_padding()
         assert (
             f"{before.wasted_tokens:,} padding" in change.reason and f"{after.wasted_tokens:,} padding" in change.reason
         )
-        assert getattr(tuned.shapes, field) == list(change.after)
+        assert getattr(result.recipe.shapes, field) == list(change.after)
 
 
 def test_too_little_traffic_changes_nothing_and_says_so():
     recipe = load_recipe(RECIPE)
-    tuned, changes, _ = tune(recipe, skewed_profile(MIN_OBSERVATIONS - 1))
-    assert tuned.shapes == recipe.shapes
-    assert all(f"{MIN_OBSERVATIONS - 1} steps observed" in c.reason for c in changes)
+    result = tune(recipe, skewed_profile(MIN_OBSERVATIONS - 1))
+    assert result.recipe.shapes == recipe.shapes
+    assert all("steps observed" in c.reason and not c.changed for c in result.changes)
 
 
 def test_the_cli_writes_the_tuned_recipe_and_reports_on_stderr(tmp_path, capsys):
@@ -73,3 +73,21 @@ def test_the_cli_writes_the_tuned_recipe_and_reports_on_stderr(tmp_path, capsys)
     assert "shapes.context_buckets: [16, 32, 64, 96, 128] -> [" in report and f"wrote {out}" in report
     assert "  0 requests" in report  # the synthetic profile holds steps only
     assert load_recipe(out).shapes != load_recipe(RECIPE).shapes
+
+
+def test_the_cli_reads_a_device_profile_beside_the_traffic_and_takes_an_slo(tmp_path, capsys):
+    from neuron_serve.tune.device_profile import DeviceProfile, GraphProfile
+
+    directory = tmp_path / "profiles"
+    skewed_profile(2000).write(directory)
+    decode = GraphProfile("step_decode_8x1024", "decode", 100, 0.1, {"attention": 0.05, "matmul": 0.05}, 1, 1, 0.6, 0.1)
+    DeviceProfile("smollm2-135m-cpu", "cpu", {"name": "cpu host"}, [decode]).write(directory)
+    args = ["tune", str(RECIPE), "--profiles", str(directory), "--slo", "itl=0.2", "--out", str(tmp_path / "t.toml")]
+    assert main(args) == 0
+    report = capsys.readouterr().err
+    assert "kernels.enabled: kept: attention takes 50% of decode time" in report
+    assert (
+        "device: decode: 10.00 s of device time; matmul 50%, attention 50%; MBU 60%, MFU 10% (bandwidth-bound)"
+        in report
+    )
+    assert main(["tune", str(RECIPE), "--profiles", str(directory), "--slo", "itl=soon"]) == 2

@@ -61,6 +61,12 @@ class Binned:
                 return float(bound)
         return float("inf") if self.overflow else float("nan")
 
+    def quantile_bounds(self, q: float) -> tuple[float, float]:
+        """(lower, upper] bounds of the bin that holds the q-quantile: the quantile lies between them."""
+        upper = self.quantile(q)
+        lower = max((b for b in self.bounds if b < upper), default=0.0)
+        return float(lower), upper
+
     def by_length(self) -> dict[int, int]:
         """{bin upper bound: count} of the non-empty bins, for fitting buckets."""
         return {int(b): c for b, c in zip(self.bounds, self.counts, strict=True) if c}

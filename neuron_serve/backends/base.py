@@ -120,3 +120,20 @@ class Backend(ABC):
     def watch_occupancy(self, set_occupancy: Callable[[float], None]) -> bool:
         """Start reporting accelerator occupancy from the device; False when the engine's forward
         time is the measure instead."""
+
+    @abstractmethod
+    def cores(self, recipe: Recipe) -> int:
+        """The cores a deployment of `recipe` splits between its replicas' TP ranks."""
+
+    @abstractmethod
+    def tp_degrees(self, recipe: Recipe, cores: int) -> tuple[int, ...]:
+        """The TP degrees this target can run the recipe at on `cores` (heads aside), increasing."""
+
+    @abstractmethod
+    def kv_cache_short(self, recipe: Recipe, config: ModelConfig, added_slots: int) -> str:
+        """Why `added_slots` more slots' KV cache would not fit, beyond what the recipe rules judge
+        ("" when it would)."""
+
+    @abstractmethod
+    def profiling_runner(self, directory: Path, manifest: ArtifactManifest) -> Runner:
+        """A runner of the artifact whose operators `torch.profiler` sees, for `neuron-serve profile`."""

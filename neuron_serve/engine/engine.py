@@ -81,8 +81,9 @@ class Engine:
                 plan = self.scheduler.schedule()
                 self._count_slots()
             try:
-                for seq in plan.cancelled:
+                for seq in plan.cancelled:  # left while queued: counted, but no latency to observe
                     seq.finish("cancelled")
+                    self.metrics.finished.labels(self.metrics.model_name, "cancelled").inc()
                 if plan.batch.decode_slots or plan.batch.chunks:
                     self._step(plan)
                 for seq in self.scheduler.take_cancelled():

@@ -8,6 +8,7 @@ recipe enables it and the kernel's result is exact for the request.
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -15,6 +16,23 @@ import torch
 
 import nki_kernels
 from nki_kernels.tiles import MAX_CANDIDATES
+
+# Seeds a torch.Generator takes: a 64-bit value, signed or not.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+MAX_STOP_STRINGS = 16
+
+
+def _brief_repr() -> reprlib.Repr:
+    """An error message names the value it refuses, shortened: echoing a 4 MB body back costs as much
+    as receiving it. (Attributes, not keywords: Python 3.10 and 3.11's Repr takes none.)"""
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = 60
+    short.maxlist = short.maxtuple = short.maxdict = 4
+    short.maxlevel = 2
+    return short
+
+
+brief = _brief_repr().repr
 
 
 @dataclass
@@ -41,7 +59,16 @@ class SamplingParams:
             ("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "must be in (0, 10]"),
             ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be in [-2, 2]"),
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]"),
-            ("stop", len(self.stop) <= 16 and all(self.stop), "at most 16 non-empty strings"),
+            (
+                "seed",
+                self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
+                f"must be in {list(SEED_RANGE)}",
+            ),
+            (
+                "stop",
+                len(self.stop) <= MAX_STOP_STRINGS and all(self.stop),
+                f"at most {MAX_STOP_STRINGS} non-empty strings",
+            ),
             (
                 "stop_token_ids",
                 all(0 <= t < vocab_size for t in self.stop_token_ids),
@@ -50,7 +77,7 @@ class SamplingParams:
         ]
         for name, ok, rule in checks:
             if not ok:
-                raise ValueError(f"{name}: {rule}, got {getattr(self, name)!r}")
+                raise ValueError(f"{name}: {rule}, got {brief(getattr(self, name))}")
 
     @property
     def greedy(self) -> bool:

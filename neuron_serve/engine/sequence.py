@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from neuron_serve.engine.detokenizer import IncrementalDetokenizer
 from neuron_serve.engine.sampler import SamplingParams, new_generator
+from neuron_serve.engine.stop_strings import StopStringFilter
 
 _ids = itertools.count()
 
@@ -31,34 +32,6 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
-
-
-class StopStringFilter:
-    """Holds back text that could be the start of a stop string, so that a stop string is never
-    sent, not even in part."""
-
-    def __init__(self, stops: tuple[str, ...]):
-        self.stops = stops
-        self.pending = ""
-
-    def push(self, text: str) -> tuple[str, bool]:
-        """Returns (text safe to send now, whether a stop string was hit)."""
-        self.pending += text
-        if not self.stops:
-            out, self.pending = self.pending, ""
-            return out, False
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[: min(hits)], ""
-            return out, True
-        keep = max((n for s in self.stops for n in range(1, len(s)) if self.pending.endswith(s[:n])), default=0)
-        cut = len(self.pending) - keep
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
 
 
 @dataclass

@@ -15,7 +15,9 @@ LOOPBACK = ("127.0.0.1", "::1")
 
 def create_app(service: ModelService) -> Flask:
     app = Flask("neuron_serve")
-    app.config["MAX_CONTENT_LENGTH"] = service.settings.max_body_bytes
+    # Werkzeug cuts a chunked body (which declares no length) off at this length without an error: one
+    # byte more than the limit tells `json_body` that it was over.
+    app.config["MAX_CONTENT_LENGTH"] = service.settings.max_body_bytes + 1
     app.extensions["service"] = service
 
     @app.errorhandler(APIError)

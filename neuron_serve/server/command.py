@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -86,12 +87,14 @@ def child_exit(server, worker) -> None:
 
 
 def on_exit(server) -> None:
-    """At shutdown (SIGTERM included, once the workers are gone), write the traffic profile."""
+    """At shutdown (SIGTERM included, once the workers are gone), write the traffic profile; then the
+    workers' metric files have served their purpose and go."""
     from neuron_serve.engine.metrics import traffic_profile
 
     settings = server.app.settings
     path = traffic_profile(settings.model_name).write(settings.profile_dir)
     server.log.info("traffic profile written: %s", path)
+    shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
 
 def describe(manifest: ArtifactManifest, artifacts: Path) -> str:
@@ -134,6 +137,9 @@ def serve(args: argparse.Namespace) -> int:
         "child_exit": child_exit,
         "on_exit": on_exit,
         "errorlog": "-",
+        # gunicorn's control socket is one path per user ($HOME/.gunicorn/gunicorn.ctl): a second server
+        # would share it, and the first to exit would delete the other's. Nothing here uses it.
+        "control_socket_disable": True,
         "loglevel": "info",
     }
     ServerApplication(settings, options).run()

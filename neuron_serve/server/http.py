@@ -14,6 +14,7 @@ from queue import Empty
 
 from flask import current_app, request
 
+from neuron_serve.engine.sampler import brief
 from neuron_serve.engine.scheduler import QueueFullError
 from neuron_serve.engine.sequence import Delta, Finished, Sequence
 from neuron_serve.server.protocol import APIError
@@ -31,12 +32,22 @@ def ready_service() -> ModelService:
 
 
 def json_body() -> dict:
-    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    """The body as a JSON object, whatever its Content-Type says (as vLLM reads it)."""
+    limit = current_app.extensions["service"].settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise APIError(413, f"the request body has {request.content_length} bytes; the limit is {limit} bytes")
-    body = request.get_json(silent=True)
+    raw = request.get_data()  # a chunked body: cut off one byte past the limit (`create_app`)
+    if len(raw) > limit:
+        raise APIError(413, f"the request body is over the limit of {limit} bytes")
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise APIError(400, "the request body is not valid JSON: it nests too deeply") from None
+    except ValueError as error:
+        raise APIError(400, f"the request body is not valid JSON: {brief(str(error))}") from None
     if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(body), "a number")
+        raise APIError(400, f"the request body must be a JSON object, got {kind}")
     return body
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from neuron_serve.engine.sampler import SamplingParams
+from neuron_serve.engine.sampler import SamplingParams, brief
 
 
 class APIError(Exception):
@@ -26,44 +26,67 @@ class Limits:
     max_seq_len: int
     vocab_size: int
     max_tokens_default: int
+    longest_token: int  # characters of the model's longest token (its vocabulary's longest string)
+
+    @property
+    def max_prompt_chars(self) -> int:
+        """No text longer than this fits in max_seq_len tokens (`server/inputs.py`)."""
+        return self.max_seq_len * self.longest_token
 
 
-# Fields that would change the output and that this server does not implement, with the value that
-# means "off" (sent by many clients as a default).
-UNSUPPORTED_UNLESS = {
-    "n": 1,
-    "best_of": 1,
-    "echo": False,
-    "logprobs": None,
-    "top_logprobs": None,
-    "logit_bias": None,
-    "suffix": None,
-    "min_tokens": 0,
-    "tools": None,
-    "tool_choice": None,
-    "response_format": None,
-    "guided_json": None,
-    "guided_regex": None,
-    "guided_choice": None,
+# Fields that would change the output and that this server does not implement, with the values that
+# mean "off" (sent by many clients as defaults). null is always "off": OpenAI reads it as the default.
+UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
+    "n": (1,),
+    "best_of": (1,),
+    "echo": (False,),
+    "logprobs": (False, 0),
+    "top_logprobs": (0,),
+    "logit_bias": ({},),
+    "suffix": ("",),
+    "min_tokens": (0,),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "response_format": ({"type": "text"},),
+    "guided_json": (),
+    "guided_regex": (),
+    "guided_choice": (),
+    "guided_grammar": (),
+    "structured_outputs": (),
+    "min_p": (0, 0.0),
+    "typical_p": (1, 1.0),
+    "bad_words": ([],),
+    "allowed_token_ids": (),
+    "use_beam_search": (False,),
+    "continue_final_message": (False,),
+    "chat_template": (),
 }
-OFF_VALUES = {
-    "logprobs": (None, False, 0),
-    "logit_bias": (None, {}),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
+# TGI's `parameters` of the same kind (/invocations).
+TGI_UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
+    "truncate": (),
+    "typical_p": (1, 1.0),
+    "watermark": (False,),
+    "best_of": (1,),
+    "top_n_tokens": (0,),
+    "grammar": (),
+    "decoder_input_details": (False,),
 }
 
 
-def reject_unsupported(body: dict[str, Any]) -> None:
-    for name, off in UNSUPPORTED_UNLESS.items():
-        if name not in body:
-            continue
-        value = body[name]
-        allowed = OFF_VALUES.get(name, (off,))
-        if name == "response_format" and isinstance(value, dict) and value.get("type") == "text":
-            continue
-        if value not in allowed:
-            raise APIError(400, f"'{name}' = {value!r} is not supported by this server (only {allowed[0]!r})", name)
+def _is_off(value: Any, off: tuple[Any, ...]) -> bool:
+    """Whether `value` is one of the "off" values, type and all (JSON's true is not 1)."""
+    return value is None or any(type(value) is type(o) and value == o for o in off)
+
+
+def reject_unsupported(
+    body: dict[str, Any], unsupported: dict[str, tuple[Any, ...]] = UNSUPPORTED_UNLESS, where: str = ""
+) -> None:
+    """A 400 for the first field that asks for what this server does not do; `where` prefixes its name."""
+    for name, off in unsupported.items():
+        if name in body and not _is_off(body[name], off):
+            only = f" (only {', '.join(map(repr, off))} or null)" if off else ""
+            message = f"'{where}{name}' = {brief(body[name])} is not supported by this server{only}"
+            raise APIError(400, message, f"{where}{name}")
 
 
 def _typed(body: dict, name: str, kind: type | tuple, default: Any) -> Any:
@@ -73,8 +96,34 @@ def _typed(body: dict, name: str, kind: type | tuple, default: Any) -> Any:
     if isinstance(value, bool) and kind is not bool and bool not in (kind if isinstance(kind, tuple) else (kind,)):
         raise APIError(400, f"'{name}' must be a number, got {value!r}", name)
     if not isinstance(value, kind):
-        raise APIError(400, f"'{name}' has the wrong type: {value!r}", name)
+        raise APIError(400, f"'{name}' has the wrong type: {brief(value)}", name)
     return value
+
+
+def _token_ids(body: dict, name: str) -> tuple[int, ...]:
+    ids = _typed(body, name, list, [])
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise APIError(400, f"'{name}' must be a list of token ids (integers), got {brief(ids)}", name)
+    return tuple(ids)
+
+
+def stream_settings(body: dict[str, Any]) -> tuple[bool, bool]:
+    """(stream, include_usage), checked before the request is queued."""
+    stream = _typed(body, "stream", bool, False)
+    options = _typed(body, "stream_options", dict, {})
+    include_usage = _typed(options, "include_usage", bool, False)
+    return stream, include_usage
+
+
+def check_model(body: dict[str, Any], served: str) -> None:
+    """OpenAI's and vLLM's answers: a model is required, and one this server does not serve is a 404."""
+    model = body.get("model")
+    if model is None:
+        raise APIError(400, f"'model' is required: this server serves {served!r}", "model")
+    if model != served:
+        raise APIError(
+            404, f"the model {brief(model)} does not exist: this server serves {served!r}", "model", "model_not_found"
+        )
 
 
 def _stop_list(value: Any) -> tuple[str, ...]:
@@ -84,7 +133,7 @@ def _stop_list(value: Any) -> tuple[str, ...]:
         return (value,)
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return tuple(value)
-    raise APIError(400, "'stop' must be a string or a list of strings", "stop")
+    raise APIError(400, f"'stop' must be a string or a list of strings, got {brief(value)}", "stop")
 
 
 def sampling_params(body: dict[str, Any], prompt_len: int, limits: Limits, max_tokens_field: str) -> SamplingParams:
@@ -114,7 +163,7 @@ def sampling_params(body: dict[str, Any], prompt_len: int, limits: Limits, max_t
         top_k=max(0, _typed(body, "top_k", int, 0)),  # vLLM sends -1 for "off"
         seed=_typed(body, "seed", int, None),
         stop=_stop_list(body.get("stop")),
-        stop_token_ids=tuple(_typed(body, "stop_token_ids", list, [])),
+        stop_token_ids=_token_ids(body, "stop_token_ids"),
         ignore_eos=bool(_typed(body, "ignore_eos", bool, False)),
         repetition_penalty=float(_typed(body, "repetition_penalty", (int, float), 1.0)),
         presence_penalty=float(_typed(body, "presence_penalty", (int, float), 0.0)),
@@ -140,20 +189,14 @@ def tgi_to_openai(parameters: dict[str, Any]) -> dict[str, Any]:
         "seed",
         "details",
         "return_full_text",
-        "decoder_input_details",
-        "watermark",
-        "truncate",
-        "typical_p",
         "frequency_penalty",
         "presence_penalty",
         "ignore_eos",
         "stop_token_ids",
     }
-    for name in ("truncate", "typical_p", "watermark"):
-        if parameters.get(name) not in (None, False, 1.0):
-            raise APIError(400, f"parameter '{name}' is not supported by this server", f"parameters.{name}")
+    reject_unsupported(parameters, TGI_UNSUPPORTED_UNLESS, "parameters.")
     out = {k: v for k, v in parameters.items() if k in known}
     out["max_tokens"] = parameters.get("max_new_tokens")
-    if not parameters.get("do_sample", False) and "temperature" not in parameters:
+    if not _typed(parameters, "do_sample", bool, False) and "temperature" not in parameters:
         out["temperature"] = 0.0  # TGI samples only with do_sample=true
     return out

@@ -7,42 +7,21 @@ import time
 
 from flask import Flask, Response, jsonify, request, stream_with_context
 
-from neuron_serve.engine.prompts import chat_token_ids
+from neuron_serve.engine.sampler import brief
 from neuron_serve.engine.sequence import Delta, Finished, Sequence
 from neuron_serve.server.http import events, json_body, log_request, new_id, ready_service, sse, submit
-from neuron_serve.server.protocol import APIError, reject_unsupported, sampling_params, tgi_to_openai
+from neuron_serve.server.inputs import chat_prompt, checked_text, completion_prompt
+from neuron_serve.server.protocol import (
+    APIError,
+    check_model,
+    reject_unsupported,
+    sampling_params,
+    stream_settings,
+    tgi_to_openai,
+)
 from neuron_serve.server.service import ModelService
 
-
-def chat_prompt(service: ModelService, messages) -> list[int]:
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "'messages' must be a non-empty list", "messages")
-    plain = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise APIError(400, f"messages[{i}] must be an object with a 'role'", "messages")
-        content = message.get("content") or ""
-        if isinstance(content, list):
-            if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
-                raise APIError(400, f"messages[{i}]: only text content parts are supported", "messages")
-            content = "".join(p.get("text", "") for p in content)
-        plain.append({"role": message["role"], "content": content})
-    try:
-        return chat_token_ids(service.tokenizer, plain)
-    except Exception as error:  # the model's own template rejects the conversation
-        raise APIError(400, f"the chat template rejected the messages: {error}", "messages") from None
-
-
-def completion_prompt(service: ModelService, prompt) -> list[int]:
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
-    if isinstance(prompt, str) and prompt:
-        return service.tokenizer.encode(prompt)
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        if not all(0 <= t < service.limits.vocab_size for t in prompt):
-            raise APIError(400, f"prompt token ids must be in [0, {service.limits.vocab_size})", "prompt")
-        return prompt
-    raise APIError(400, "'prompt' must be a non-empty string or list of token ids (one prompt per request)", "prompt")
+CLIENT_CLOSED = 499  # nginx's status for a request whose client left before the answer
 
 
 def usage(seq: Sequence) -> dict:
@@ -50,17 +29,24 @@ def usage(seq: Sequence) -> dict:
     return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
 
 
-def openai_response(service: ModelService, chat: bool):
-    body = json_body()
+def openai_response(service: ModelService, chat: bool, body: dict | None = None, route: str = ""):
+    """An OpenAI completion or chat request; from /invocations (LMI's chat schema) the model is optional."""
+    body = json_body() if body is None else body
+    if not route or "model" in body:
+        check_model(body, service.settings.model_name)
     reject_unsupported(body)
-    prompt_ids = chat_prompt(service, body.get("messages")) if chat else completion_prompt(service, body.get("prompt"))
+    stream, include_usage = stream_settings(body)
+    tokenizer, limits = service.tokenizer, service.limits
+    if chat:
+        prompt_ids = chat_prompt(tokenizer, limits, body.get("messages"))
+    else:
+        prompt_ids = completion_prompt(tokenizer, limits, body.get("prompt"))
     field = "max_completion_tokens" if chat else "max_tokens"
-    params = sampling_params(body, len(prompt_ids), service.limits, field)
+    params = sampling_params(body, len(prompt_ids), limits, field)
     seq = submit(service, prompt_ids, params)
     shape = ChatShape(service) if chat else CompletionShape(service)
-    route = "/v1/chat/completions" if chat else "/v1/completions"
-    if body.get("stream"):
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    route = route or ("/v1/chat/completions" if chat else "/v1/completions")
+    if stream:
         return Response(
             stream_with_context(openai_stream(service, seq, shape, include_usage, route)),
             mimetype="text/event-stream",
@@ -68,7 +54,7 @@ def openai_response(service: ModelService, chat: bool):
         )
     collected = collect(service, seq, route)
     if collected is None:
-        return Response(status=499)
+        return Response(status=CLIENT_CLOSED)
     text, finished = collected
     return jsonify(shape.full(text, finished.reason) | {"usage": usage(seq)})
 
@@ -82,6 +68,7 @@ def collect(service: ModelService, seq: Sequence, route: str) -> tuple[str, Fini
         else:
             finished = event
     if finished is None:
+        log_request(service, route, seq, None, CLIENT_CLOSED)
         return None
     log_request(service, route, seq, finished, 500 if finished.error else 200)
     if finished.error:
@@ -103,6 +90,7 @@ def openai_stream(service, seq, shape, include_usage: bool, route: str):
             finished = event
             yield sse(shape.chunk({}, event.reason))
     if finished is None:
+        log_request(service, route, seq, None, CLIENT_CLOSED)
         return
     if include_usage:
         yield sse(shape.envelope([]) | {"usage": usage(seq)})
@@ -154,30 +142,39 @@ class ChatShape(CompletionShape):
         return self.envelope([choice]) | {"object": "chat.completion"}
 
 
+STREAM_TYPES = ("text/event-stream", "application/jsonlines")
+
+
 def invocations(service: ModelService):
-    """SageMaker's TGI/LMI schema: {"inputs": "...", "parameters": {...}}."""
+    """SageMaker's TGI/LMI schema, {"inputs": "...", "parameters": {...}}, or LMI's chat schema,
+    {"messages": [...], ...} (answered as an OpenAI chat completion)."""
     body = json_body()
+    if "messages" in body and "inputs" not in body:
+        return openai_response(service, chat=True, body=body, route="/invocations")
     inputs = body.get("inputs")
     if not isinstance(inputs, str) or not inputs:
-        raise APIError(400, "'inputs' must be a non-empty string", "inputs")
+        raise APIError(400, "'inputs' must be a non-empty string (or give 'messages', LMI's chat schema)", "inputs")
     parameters = body.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise APIError(400, "'parameters' must be an object", "parameters")
-    prompt_ids = service.tokenizer.encode(inputs)
-    params = sampling_params(tgi_to_openai(parameters), len(prompt_ids), service.limits, "max_tokens")
-    seq = submit(service, prompt_ids, params)
-    accept = request.headers.get("Accept", "")
+    stream = stream_settings(body)[0]
+    details = bool(parameters.get("details"))
     prefix = inputs if parameters.get("return_full_text") else ""
-    if "text/event-stream" in accept or "jsonlines" in accept or body.get("stream"):
-        sse_format = "text/event-stream" in accept
+    prompt_ids = service.tokenizer.encode(checked_text(inputs, service.limits, "inputs"))
+    params = sampling_params(tgi_to_openai(parameters), len(prompt_ids), service.limits, "max_tokens")
+    # The client's preference by quality (RFC 9110), not by substring: JSON unless it prefers a stream.
+    accepted = request.accept_mimetypes.best_match(("application/json", *STREAM_TYPES), default="application/json")
+    seq = submit(service, prompt_ids, params)
+    if accepted in STREAM_TYPES or stream:
+        sse_format = accepted == "text/event-stream"
         mimetype = "text/event-stream" if sse_format else "application/jsonlines"
         return Response(stream_with_context(invocation_stream(service, seq, sse_format, prefix)), mimetype=mimetype)
     collected = collect(service, seq, "/invocations")
     if collected is None:
-        return Response(status=499)
+        return Response(status=CLIENT_CLOSED)
     text, finished = collected
     result = {"generated_text": prefix + text}
-    if parameters.get("details"):
+    if details:
         result["details"] = {
             "finish_reason": finished.reason,
             "generated_tokens": len(seq.output_ids),
@@ -187,26 +184,38 @@ def invocations(service: ModelService):
     return jsonify(result)
 
 
+def _tgi_token(delta: Delta | None) -> dict:
+    """TGI's token object; a stream that ended before any text ends with an empty special token."""
+    if delta is None:
+        return {"id": None, "text": "", "logprob": None, "special": True}
+    token_id = delta.token_ids[0] if delta.token_ids else None
+    return {"id": token_id, "text": delta.text, "logprob": None, "special": False}
+
+
 def invocation_stream(service: ModelService, seq: Sequence, sse_format: bool, prefix: str):
-    """TGI's SSE token events, or LMI's JSON lines; the last event carries the whole text."""
-    text = []
+    """TGI's SSE token events, or LMI's JSON lines. As TGI does, each event is one token and the last
+    one carries the whole text too, so each event waits for the next token (or the end)."""
+    text, held = [], None
     for event in events(seq):
         if isinstance(event, Delta):
+            if held is not None:
+                yield _frame({"token": _tgi_token(held), "generated_text": None, "details": None}, sse_format)
             text.append(event.text)
-            token_id = event.token_ids[0] if event.token_ids else None
-            payload = {
-                "token": {"id": token_id, "text": event.text, "logprob": None, "special": False},
-                "generated_text": None,
-                "details": None,
-            }
-        elif event.error:
+            held = event
+            continue
+        if event.error:
             payload = {"error": event.error, "error_type": "server_error"}
         else:
             details = {"finish_reason": event.reason, "generated_tokens": event.completion_tokens}
-            payload = {"token": None, "generated_text": prefix + "".join(text), "details": details}
-        yield sse(payload) if sse_format else json.dumps(payload, ensure_ascii=False) + "\n"
-        if isinstance(event, Finished):
-            log_request(service, "/invocations", seq, event, 200)
+            payload = {"token": _tgi_token(held), "generated_text": prefix + "".join(text), "details": details}
+        yield _frame(payload, sse_format)
+        log_request(service, "/invocations", seq, event, 200)
+        return
+    log_request(service, "/invocations", seq, None, CLIENT_CLOSED)
+
+
+def _frame(payload: dict, sse_format: bool) -> str:
+    return sse(payload) if sse_format else json.dumps(payload, ensure_ascii=False) + "\n"
 
 
 def register_routes(app: Flask, service: ModelService) -> None:
@@ -239,9 +248,15 @@ def register_routes(app: Flask, service: ModelService) -> None:
         live = ready_service()
         body = json_body()
         if "messages" in body:
-            tokens = chat_prompt(live, body["messages"])
+            tokens = chat_prompt(live.tokenizer, live.limits, body["messages"])
         elif isinstance(body.get("prompt"), str):
-            tokens = live.tokenizer.encode(body["prompt"], add_special_tokens=body.get("add_special_tokens", True))
+            special = body.get("add_special_tokens", True)
+            if not isinstance(special, bool):
+                raise APIError(
+                    400, f"'add_special_tokens' must be true or false, got {brief(special)}", "add_special_tokens"
+                )
+            text = checked_text(body["prompt"], live.limits, "prompt")
+            tokens = live.tokenizer.encode(text, add_special_tokens=special)
         else:
             raise APIError(400, "give 'prompt' (a string) or 'messages'", "prompt")
         return jsonify({"count": len(tokens), "max_model_len": live.limits.max_seq_len, "tokens": tokens})

@@ -65,7 +65,9 @@ class ModelService:
             runner.wait_ready(times)
             config, recipe = manifest.model_config, manifest.recipe
             self.eos_ids = stop_ids(self.tokenizer, config.eos_token_ids)
-            self.limits = Limits(runner.graphs.max_seq_len, config.vocab_size, self.settings.max_tokens_default)
+            longest_token = max(map(len, self.tokenizer.get_vocab()))
+            max_tokens = self.settings.max_tokens_default
+            self.limits = Limits(runner.graphs.max_seq_len, config.vocab_size, max_tokens, longest_token)
             self.source = manifest.source.get("spec", "")
             kernels = frozenset(recipe.kernels.enabled)
             self.engine = Engine(runner, self.metrics, self.settings.max_waiting, kernels).start()

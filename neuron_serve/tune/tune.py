@@ -1,8 +1,9 @@
-"""`neuron-serve tune`: a recipe's buckets refitted to the traffic a deployment served, with reasons.
+"""`neuron-serve tune`: a recipe changed to fit the traffic a deployment served, each change with its reasons.
 
-Each bucket ladder is fitted exactly (``buckets.py``) to the histogram of what it buckets
-(``artifact/traffic.py``), with at most as many buckets as the recipe has, so the tuned recipe
-compiles no more graphs:
+First the serving settings, judged against a latency objective (``serving.py``): the prompt budget,
+the slots, TP degree vs replicas. Then each bucket ladder is fitted exactly (``buckets.py``) to the
+histogram of what it buckets (``artifact/traffic.py``), with at most as many buckets as the recipe
+has, so the tuned recipe compiles no more graphs:
 
 - context buckets to the prompt tokens of each engine step (up to the largest context bucket, which
   sets the step's prompt budget and stays);
@@ -11,21 +12,38 @@ compiles no more graphs:
 
 A ladder changes only when the traffic holds enough steps to judge it (`MIN_OBSERVATIONS`) and the
 fit pads at least `MIN_GAIN` fewer tokens; every change and every ladder left alone says why, with
-the figures. The tuned recipe must pass the recipe rules; a ladder they refuse is kept as it was.
+the figures. Last, what a device profile supports (``device_rules.py``): kernels and compiler flags,
+with advice on what the profile cannot justify alone (quantization). The tuned recipe must pass the
+recipe rules; a change they refuse is not made, and the report says which rule refused it.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from neuron_serve.artifact.graphs import GraphSet
+from neuron_serve.artifact.manifest import read_manifest
 from neuron_serve.artifact.traffic import ITL, LENGTH_STEP, QUEUE_TIME, TTFT, TrafficProfile
-from neuron_serve.recipe.schema import Recipe
+from neuron_serve.model.config import ModelConfig
+from neuron_serve.recipe.cli import model_config_path
+from neuron_serve.recipe.schema import HeadCounts, Recipe
 from neuron_serve.recipe.validation import recipe_errors
 from neuron_serve.tune.buckets import BucketFit, fit_buckets, padding_of
+from neuron_serve.tune.device_profile import DeviceProfile
+from neuron_serve.tune.device_rules import tune_from_device
+from neuron_serve.tune.serving import (
+    PROMPT_BUDGET,
+    Change,
+    Slo,
+    host_cores,
+    tune_parallelism,
+    tune_prompt_budget,
+    tune_slots,
+)
 
 MIN_OBSERVATIONS = 100  # steps: fewer is an anecdote, not a distribution
 MIN_GAIN = 0.05  # of the padded tokens: smaller gains are not worth a recompile
@@ -49,18 +67,6 @@ LADDERS = (
 )
 
 
-@dataclass(frozen=True)
-class Change:
-    field: str
-    before: tuple[int, ...]
-    after: tuple[int, ...]
-    reason: str
-
-    @property
-    def changed(self) -> bool:
-        return self.before != self.after
-
-
 def read_profiles(directory: Path) -> TrafficProfile:
     """Every ``traffic-*.json`` under `directory`, merged (counts add up over captures)."""
     paths = sorted(Path(directory).rglob("traffic-*.json"))
@@ -70,6 +76,21 @@ def read_profiles(directory: Path) -> TrafficProfile:
     for path in paths[1:]:
         profile = profile.merged(TrafficProfile.read(path))
     return profile
+
+
+def read_device_profile(directory: Path) -> DeviceProfile | None:
+    """The latest ``device-*.json`` under `directory` (a device profile describes one build), or None."""
+    paths = sorted(Path(directory).rglob("device-*.json"), key=lambda p: p.name)
+    return DeviceProfile.read(paths[-1]) if paths else None
+
+
+def recipe_model_config(recipe: Recipe, recipe_dir: Path, explicit: Path | None) -> ModelConfig | None:
+    """The model's config: `explicit`, else the one the recipe names, else its compiled artifact's."""
+    path = explicit or model_config_path(recipe, recipe_dir)
+    if path is not None:
+        return ModelConfig.from_hf(json.loads(Path(path).read_text()))
+    manifest = Path("artifacts") / recipe.name / "manifest.json"
+    return read_manifest(manifest.parent).model_config if manifest.is_file() else None
 
 
 def current_ladder(recipe: Recipe, field: str) -> tuple[int, ...]:
@@ -83,34 +104,82 @@ def _describe(fit: BucketFit) -> str:
 
 def refit(recipe: Recipe, profile: TrafficProfile, ladder: Ladder) -> Change:
     """The ladder fitted to the profile, or the recipe's own with the reason it stays."""
+    field = f"shapes.{ladder.field}"
     before = tuple(current_ladder(recipe, ladder.field))
-    histogram = profile.histograms[ladder.histogram].by_length()
+    # Past the largest bucket (a prompt budget or slots tune just lowered), a step takes the largest.
+    histogram: dict[int, int] = {}
+    for length, count in profile.histograms[ladder.histogram].by_length().items():
+        histogram[min(length, before[-1])] = histogram.get(min(length, before[-1]), 0) + count
     steps = sum(histogram.values())
     if steps < MIN_OBSERVATIONS:
-        return Change(ladder.field, before, before, f"{steps} steps observed, fewer than {MIN_OBSERVATIONS}")
+        return Change(field, before, before, f"{steps} steps observed, fewer than {MIN_OBSERVATIONS}")
     now = padding_of(histogram, before)
     fit = fit_buckets(histogram, len(before), before[-1], ladder.multiple)
     evidence = f"{ladder.what} over {steps:,} steps: {_describe(now)} with {list(before)}"
     if fit.padded_tokens > (1 - MIN_GAIN) * now.padded_tokens:
-        return Change(ladder.field, before, before, f"{evidence}; the best fit saves under {MIN_GAIN:.0%}")
-    return Change(ladder.field, before, fit.buckets, f"{evidence}, {_describe(fit)} with {list(fit.buckets)}")
+        return Change(field, before, before, f"{evidence}; the best fit saves under {MIN_GAIN:.0%}")
+    return Change(field, before, fit.buckets, f"{evidence}, {_describe(fit)} with {list(fit.buckets)}")
 
 
-def tune(recipe: Recipe, profile: TrafficProfile) -> tuple[Recipe, list[Change], list[str]]:
-    """(the tuned recipe, one change per ladder, warnings about the traffic)."""
-    tuned, changes = copy.deepcopy(recipe), []
+def _ladder_recipe(recipe: Recipe, change: Change) -> Recipe:
+    name = change.field.removeprefix("shapes.")
+    return dataclasses.replace(recipe, shapes=dataclasses.replace(recipe.shapes, **{name: list(change.after)}))
+
+
+@dataclass
+class Tuning:
+    """The tuned recipe, every setting tune judged (changed or kept, each with its evidence), warnings
+    about the traffic and advice that tune does not act on."""
+
+    recipe: Recipe
+    changes: list[Change] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    advice: list[str] = field(default_factory=list)
+
+    def apply(self, trial: Recipe, change: Change, config: HeadCounts | None) -> None:
+        """Take `trial` (the recipe with `change` made) unless it breaks a rule, then the change is kept."""
+        if change.changed and (errors := recipe_errors(trial, config)):
+            change = Change(change.field, change.before, change.before, f"{change.reason}; not made: {errors[0]}")
+        elif change.changed:
+            self.recipe = trial
+        self.changes.append(change)
+
+
+def tune(
+    recipe: Recipe,
+    profile: TrafficProfile,
+    slo: Slo | None = None,
+    device: DeviceProfile | None = None,
+    config: HeadCounts | None = None,
+    cores: int | None = None,
+) -> Tuning:
+    """The serving settings against the SLO (``serving.py``), then each bucket ladder under them, then
+    what the device profile supports (``device_rules.py``)."""
+    slo, result = slo or Slo(), Tuning(copy.deepcopy(recipe))
+    steps = profile.histograms["engine_step_running"].observations
+    if steps < MIN_OBSERVATIONS:
+        for name, value in (
+            (PROMPT_BUDGET, max(recipe.shapes.context_buckets)),
+            ("shapes.batch_size", recipe.shapes.batch_size),
+            ("serve.workers", recipe.serve.workers),
+        ):
+            result.changes.append(Change(name, value, value, f"{steps} steps observed, fewer than {MIN_OBSERVATIONS}"))
+    else:
+        result.apply(*tune_prompt_budget(result.recipe, profile, slo), config)
+        result.apply(*tune_slots(result.recipe, profile, slo, config), config)
+        cores = cores or host_cores(recipe)
+        result.apply(*tune_parallelism(result.recipe, profile, slo, config, cores), config)
     for ladder in LADDERS:
-        change = refit(tuned, profile, ladder)
-        if change.changed:
-            trial = copy.deepcopy(tuned)
-            trial.shapes = dataclasses.replace(trial.shapes, **{ladder.field: list(change.after)})
-            errors = recipe_errors(trial)
-            if errors:
-                change = Change(ladder.field, change.before, change.before, f"the fit breaks a rule: {errors[0]}")
-            else:
-                tuned = trial
-        changes.append(change)
-    return tuned, changes, _warnings(recipe, profile)
+        change = refit(result.recipe, profile, ladder)
+        result.apply(_ladder_recipe(result.recipe, change), change, config)
+    if device is not None:
+        tuned, changes, result.advice = tune_from_device(result.recipe, device)
+        for change in changes:
+            section = change.field.split(".")[0]
+            trial = dataclasses.replace(result.recipe, **{section: getattr(tuned, section)})
+            result.apply(trial, change, config)
+    result.warnings = _warnings(recipe, profile)
+    return result
 
 
 def _warnings(recipe: Recipe, profile: TrafficProfile) -> list[str]:

@@ -12,8 +12,11 @@ from neuron_serve.artifact.manifest import ArtifactManifest, GraphRecord
 from neuron_serve.backends.base import Backend, CompileJob, LoadTimes, Runner, warm_up
 from neuron_serve.backends.cpu.compile import compile_cpu_graphs
 from neuron_serve.backends.cpu.precision import cpu_dtype, cpu_flags
-from neuron_serve.backends.cpu.runners import open_rank_runner
+from neuron_serve.backends.cpu.runners import kernel_profiled_runner, open_rank_runner
 from neuron_serve.backends.cpu.tp import TensorParallelRunner
+from neuron_serve.model.config import ModelConfig
+from neuron_serve.model.kv_cache import KVCache
+from neuron_serve.model.parallel import TensorParallel
 from neuron_serve.recipe.schema import Recipe
 
 
@@ -49,3 +52,21 @@ class CpuBackend(Backend):
 
     def watch_occupancy(self, set_occupancy: Callable[[float], None]) -> bool:
         return False
+
+    def cores(self, recipe: Recipe) -> int:
+        return len(os.sched_getaffinity(0))
+
+    def tp_degrees(self, recipe: Recipe, cores: int) -> tuple[int, ...]:
+        return tuple(range(1, cores + 1))
+
+    def kv_cache_short(self, recipe: Recipe, config: ModelConfig, added_slots: int) -> str:
+        """Against this host's free memory, as `runners.allocate_cache` judges it when the server starts."""
+        kv_heads = TensorParallel(recipe.target.tp_degree).local_kv_heads(config.num_key_value_heads)
+        needed = KVCache.nbytes(config, added_slots, recipe.shapes.max_seq_len, kv_heads, recipe.model.torch_dtype)
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        if needed <= free:
+            return ""
+        return f"{added_slots} more slots' KV cache needs {needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB is free"
+
+    def profiling_runner(self, directory: Path, manifest: ArtifactManifest) -> Runner:
+        return kernel_profiled_runner(directory, manifest)

@@ -12,15 +12,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from neuron_serve.artifact.compile_cache import cache_key, link_or_copy
+from neuron_serve.artifact.compile_cache import CompileCache, cache_key, link_or_copy
 from neuron_serve.artifact.graphs import STEP, GraphSet
-from neuron_serve.artifact.manifest import GraphRecord, toolchain_versions
+from neuron_serve.artifact.manifest import ArtifactManifest, GraphRecord, toolchain_versions
 from neuron_serve.backends.base import CompileJob
 from neuron_serve.backends.cpu.export import compile_step_graph
+from neuron_serve.model.config import ModelConfig
 from neuron_serve.model.llama import LlamaModel
 from neuron_serve.model.parallel import TensorParallel
 from neuron_serve.model.quantization import QuantSpec
 from neuron_serve.model.state import model_from_state_dict
+from neuron_serve.recipe.schema import Recipe
 
 
 @functools.cache
@@ -76,18 +78,34 @@ def _link_graph(job: CompileJob, entry: Path, key: str, hit: bool) -> GraphRecor
     return GraphRecord(STEP, STEP, job.recipe.shapes.max_seq_len, file, seconds, size, key, hit)
 
 
-def tracing_model(job: CompileJob) -> LlamaModel:
+def tracing_model(recipe: Recipe, config: ModelConfig, rank0_shard: Path) -> LlamaModel:
     """Rank 0's model: graphs are the same code on every rank, only the weights differ."""
-    recipe = job.recipe
-    state = load_file(job.weights_dir / "weights" / "rank0.safetensors")
+    state = load_file(rank0_shard)
     tp = TensorParallel(recipe.target.tp_degree, 0)
     kernels, quantization = frozenset(recipe.kernels.enabled), QuantSpec.of(recipe.quantization)
-    return model_from_state_dict(job.config, state, recipe.shapes.max_seq_len, tp, kernels, quantization)
+    return model_from_state_dict(config, state, recipe.shapes.max_seq_len, tp, kernels, quantization)
+
+
+def kernel_profiled_graph(directory: Path, manifest: ArtifactManifest, cache: CompileCache) -> Path:
+    """The artifact's step graph compiled again with a profiler scope around each generated kernel
+    (`export.KERNEL_PROFILE_CONFIG`), cached beside the graph it was built from."""
+    (record,) = manifest.graphs
+    key = cache_key({"graph": record.cache_key, "kernel_profile": True})
+    entry = cache.lookup("graphs", key)
+    if entry is None:
+        staging = cache.staging_dir("graphs")
+        started = time.perf_counter()
+        recipe, graphs = manifest.recipe, GraphSet.from_shapes(manifest.recipe.shapes)
+        model = tracing_model(recipe, manifest.model_config, Path(directory) / manifest.weights[0])
+        compile_step_graph(model, graphs, staging / "graph.pt2", kernel_profile=True)
+        entry = cache.store("graphs", key, staging, {"compile_seconds": round(time.perf_counter() - started, 2)})
+    return entry / "graph.pt2"
 
 
 def _compile_entry(job: CompileJob, key: str) -> Path:
     staging = job.cache.staging_dir("graphs")
     started = time.perf_counter()
     torch.manual_seed(0)
-    compile_step_graph(tracing_model(job), GraphSet.from_shapes(job.recipe.shapes), staging / "graph.pt2")
+    model = tracing_model(job.recipe, job.config, job.weights_dir / "weights" / "rank0.safetensors")
+    compile_step_graph(model, GraphSet.from_shapes(job.recipe.shapes), staging / "graph.pt2")
     return job.cache.store("graphs", key, staging, {"compile_seconds": round(time.perf_counter() - started, 2)})

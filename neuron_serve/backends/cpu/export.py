@@ -26,6 +26,10 @@ from neuron_serve.model.llama import LlamaModel
 from neuron_serve.model.step import PromptChunk, StepBatch, StepShape, step_tensors
 
 AOTI_CONFIG = {"aot_inductor.package_constants_in_so": False}
+# A profiler scope around each generated kernel, so that torch.profiler sees inside the graph. Only in
+# the build `neuron-serve profile` compiles: the scopes cost 7-14 % of a decode step of the default
+# model (24.97 -> 28.45 ms at 1 row, 127 -> 136 ms at 8 rows x 1024 keys, 150 interleaved calls each).
+KERNEL_PROFILE_CONFIG = {"cpp.enable_kernel_profile": True}
 
 
 class _Step(nn.Module):
@@ -60,14 +64,15 @@ def step_example(model: LlamaModel, graphs: GraphSet) -> tuple[tuple, tuple]:
     return (*inputs, cache.keys, cache.values), dynamic
 
 
-def compile_step_graph(model: LlamaModel, graphs: GraphSet, package_path: Path) -> Path:
+def compile_step_graph(model: LlamaModel, graphs: GraphSet, package_path: Path, kernel_profile: bool = False) -> Path:
+    configs = AOTI_CONFIG | (KERNEL_PROFILE_CONFIG if kernel_profile else {})
     inputs, dynamic = step_example(model, graphs)
     with torch.no_grad(), _fake_process_group(model.tp.degree), warnings.catch_warnings():
         # torch 2.13's own pytree code warns about its own deprecated LeafSpec check while packaging.
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         exported = torch.export.export(_Step(model), inputs, dynamic_shapes=dynamic)
         path = torch._inductor.aoti_compile_and_package(
-            exported, package_path=str(package_path), inductor_configs=AOTI_CONFIG
+            exported, package_path=str(package_path), inductor_configs=configs
         )
     return Path(path)
 

@@ -10,9 +10,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from neuron_serve.artifact.compile_cache import CompileCache
 from neuron_serve.artifact.graphs import GraphSet
 from neuron_serve.artifact.manifest import ArtifactManifest
 from neuron_serve.backends.base import Forward, LoadTimes
+from neuron_serve.backends.cpu.compile import kernel_profiled_graph
 from neuron_serve.backends.cpu.export import constants_map
 from neuron_serve.model.config import ModelConfig
 from neuron_serve.model.kv_cache import KVCache
@@ -21,6 +23,7 @@ from neuron_serve.model.parallel import TensorParallel
 from neuron_serve.model.quantization import QuantSpec, load_kernels
 from neuron_serve.model.state import loadable_state, model_from_state_dict
 from neuron_serve.model.step import StepBatch, logit_rows, step_kept, step_tensors
+from neuron_serve.weights.local_cache import cache_dir
 
 GraphOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # logits, keys, values
 
@@ -61,15 +64,18 @@ class EagerRunner(StepRunner):
 
 
 class AOTRunner(StepRunner):
-    """Calls the compiled step graph, which holds no weights of its own: it is handed this rank's."""
+    """Calls the compiled step graph, which holds no weights of its own: it is handed this rank's.
+    `package` replaces the artifact's own build of the graph (`neuron-serve profile`'s)."""
 
-    def __init__(self, directory: Path, manifest: ArtifactManifest, rank: int, times: LoadTimes):
+    def __init__(
+        self, directory: Path, manifest: ArtifactManifest, rank: int, times: LoadTimes, package: Path | None = None
+    ):
         self.graphs = GraphSet.from_shapes(manifest.recipe.shapes)
         started = time.perf_counter()
         self.weights = rank_state(directory, manifest, rank)
         (record,) = manifest.graphs
         load_kernels(QuantSpec.of(manifest.recipe.quantization))
-        self.package = torch._inductor.aoti_load_package(str(Path(directory) / record.file))
+        self.package = torch._inductor.aoti_load_package(str(package or Path(directory) / record.file))
         self.package.load_constants(
             constants_map(self.package, self.weights), check_full_update=True, user_managed=True
         )
@@ -97,6 +103,20 @@ def allocate_cache(config: ModelConfig, tp: TensorParallel, graphs: GraphSet, dt
 def rank_state(directory: Path, manifest: ArtifactManifest, rank: int) -> dict[str, torch.Tensor]:
     shard = load_file(Path(directory) / manifest.weights[rank])
     return loadable_state(shard, manifest.model_config, manifest.recipe.shapes.max_seq_len)
+
+
+def kernel_profiled_runner(directory: Path, manifest: ArtifactManifest) -> StepRunner:
+    """A runner whose graph shows its kernels to torch.profiler (`compile.kernel_profiled_graph`; an
+    eager artifact's operators show anyway), for rank 0 of a single-rank artifact."""
+    if manifest.recipe.target.tp_degree > 1:
+        raise ValueError(
+            f"profiling runs one rank in this process; the artifact has target.tp_degree "
+            f"{manifest.recipe.target.tp_degree}: profile a tp_degree 1 build of the recipe"
+        )
+    if not manifest.graphs:
+        return open_rank_runner(directory, manifest, 0, LoadTimes())
+    package = kernel_profiled_graph(directory, manifest, CompileCache(cache_dir()))
+    return AOTRunner(directory, manifest, 0, LoadTimes(), package)
 
 
 def open_rank_runner(directory: Path, manifest: ArtifactManifest, rank: int, times: LoadTimes) -> StepRunner:

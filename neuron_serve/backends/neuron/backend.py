@@ -12,6 +12,8 @@ from neuron_serve.backends.neuron.compile import compile_for_neuron
 from neuron_serve.backends.neuron.cores import core_range_for_worker
 from neuron_serve.backends.neuron.occupancy import watch_monitor
 from neuron_serve.backends.neuron.runner import NeuronRunner
+from neuron_serve.model.config import ModelConfig
+from neuron_serve.recipe.instances import ALLOWED_TP_DEGREES, INSTANCES
 from neuron_serve.recipe.schema import Recipe
 
 
@@ -43,3 +45,18 @@ class NeuronBackend(Backend):
     def watch_occupancy(self, set_occupancy: Callable[[float], None]) -> bool:
         watch_monitor(set_occupancy, os.environ.get("NEURON_RT_VISIBLE_CORES", "0"))
         return True
+
+    def cores(self, recipe: Recipe) -> int:
+        return INSTANCES[recipe.target.instance].neuron_cores
+
+    def tp_degrees(self, recipe: Recipe, cores: int) -> tuple[int, ...]:
+        return tuple(d for d in ALLOWED_TP_DEGREES[INSTANCES[recipe.target.instance].family] if d <= cores)
+
+    def kv_cache_short(self, recipe: Recipe, config: ModelConfig, added_slots: int) -> str:
+        return ""  # a NeuronCore's memory is the recipe rules' (recipe/memory.py) to judge
+
+    def profiling_runner(self, directory: Path, manifest: ArtifactManifest) -> Runner:
+        raise ValueError(
+            f"{directory} is a neuron artifact: profile its graphs on the device with neuron-profile and "
+            "pass their summaries with --neuron-summaries"
+        )
