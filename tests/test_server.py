@@ -305,3 +305,31 @@ def test_sigterm_drains_in_flight_streams(tiny_artifacts):
         assert not (Path(tempfile.gettempdir()) / f"neuron-serve-metrics-{server.process.pid}").exists()
     finally:
         server.stop()
+
+
+def test_after_sigterm_new_connections_are_refused_and_cut_streams_end_with_an_error(tmp_path):
+    """With no drain time left (graceful_timeout_s = 1, one second of margin), a running stream ends
+    at once with an error event, and the port refuses new connections."""
+    import socket
+
+    from conftest import tiny_recipe
+
+    from neuron_serve.compiler.compile import compile_recipe
+
+    artifacts = compile_recipe(tiny_recipe(**{"serve.graceful_timeout_s": 1}), tmp_path / "tiny-cpu").out_dir
+    server = ServerHandle(artifacts)
+    body = {"model": "tiny-cpu", "prompt": "drain", "max_tokens": 120, "stream": True, "ignore_eos": True}
+    try:
+        with requests.post(f"{server.base_url}/v1/completions", json=body, stream=True, timeout=60) as response:
+            lines = response.iter_lines(decode_unicode=True)
+            first = next(line for line in lines if line)
+            server.process.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        events = [json.loads(line[6:]) for line in [first, *rest] if line != "data: [DONE]"]
+        assert "shutting down" in events[-1]["error"]["message"], events[-3:]
+        assert sum(len(e["choices"][0]["text"]) > 0 for e in events if "choices" in e) < 120
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
+        assert server.process.wait(timeout=60) == 0
+    finally:
+        server.stop()

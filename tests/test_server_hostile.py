@@ -276,3 +276,22 @@ def test_a_request_cancelled_in_the_queue_is_counted_and_logged(tiny_server):
     assert tiny_server.metric(cancelled, finished_reason="cancelled") == before + 1
     records = [json.loads(line) for line in tiny_server.logs().splitlines() if line.startswith('{"request_id"')]
     assert any(r["status"] == 499 and r["completion_tokens"] == 0 for r in records)
+
+
+def test_slowloris_connections_hold_no_thread(tiny_server):
+    """More half-sent request heads than the worker has threads (28 for the tiny recipe)."""
+    import socket
+
+    held = []
+    try:
+        for _ in range(40):
+            connection = socket.create_connection(("127.0.0.1", tiny_server.port))
+            connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+            held.append(connection)
+        time.sleep(0.5)  # every head is with the server
+        for _ in range(5):
+            assert requests.get(f"{tiny_server.base_url}/ping", timeout=5).status_code == 200
+        still_serving(tiny_server)
+    finally:
+        for connection in held:
+            connection.close()

@@ -135,7 +135,12 @@ def _serve(directory: str, connection) -> None:
         except EOFError:
             return None
 
-    serve_calls(_SharedLogits(runner, ready["logits"]), receive, lambda kind, result: connection.send((kind, result)))
+    try:
+        serve_calls(
+            _SharedLogits(runner, ready["logits"]), receive, lambda kind, result: connection.send((kind, result))
+        )
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the worker went first (killed at the end of its drain): no one is left to answer
     runner.close()
 
 

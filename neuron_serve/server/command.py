@@ -1,9 +1,10 @@
 """`neuron-serve serve`: gunicorn in front of the Flask app, one model replica per worker.
 
-Worker class: gthread. Each worker's engine is a real OS thread that waits on the worker's forward
-process (``engine/forward_process.py``: the graphs run there, because AOTInductor holds the GIL through a
-whole graph call); request threads just wait on queues. gevent would monkey-patch the engine thread
-into a greenlet, and every wait on the forward process would block all streams of that worker.
+Worker class: gthread, with the guards of ``server/worker.py``. Each worker's engine is a real OS
+thread that waits on the worker's forward process (``engine/forward_process.py``: the graphs run there,
+because AOTInductor holds the GIL through a whole graph call); request threads just wait on queues.
+gevent would monkey-patch the engine thread into a greenlet, and every wait on the forward process
+would block all streams of that worker.
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def serve(args: argparse.Namespace) -> int:
     options = {
         "bind": f"{args.host or serve_section.host}:{args.port or serve_section.port}",
         "workers": workers,
-        "worker_class": "gthread",
+        "worker_class": "neuron_serve.server.worker.ServingWorker",  # gthread, guarded (its docstring)
         # Every stream holds a thread until it ends: slots + queue + room for /ping and /metrics.
         "threads": batch_size + max_waiting + 8,
         "timeout": 120,

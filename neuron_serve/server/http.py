@@ -19,6 +19,7 @@ from neuron_serve.engine.scheduler import QueueFullError
 from neuron_serve.engine.sequence import Delta, Finished, Sequence
 from neuron_serve.server.protocol import APIError
 from neuron_serve.server.service import ModelService
+from neuron_serve.server.worker import draining_past_deadline
 
 request_log = logging.getLogger("neuron_serve.requests")
 
@@ -72,10 +73,18 @@ def client_gone() -> bool:
         return True
 
 
+SHUTTING_DOWN = "the server is shutting down and its drain time is up; retry the request elsewhere"
+
+
 def events(seq: Sequence) -> Iterator[Delta | Finished]:
-    """The sequence's events as they come; cancels it when the client goes away."""
+    """The sequence's events as they come; cancels it when the client goes away, and ends it with an
+    error when the worker's drain is about to run out (`worker.draining_past_deadline`)."""
     try:
         while True:
+            if draining_past_deadline():
+                seq.cancelled.set()
+                yield Finished("error", len(seq.prompt_ids), len(seq.output_ids), SHUTTING_DOWN)
+                return
             try:
                 event = seq.events.get(timeout=0.02)
             except Empty:

@@ -9,7 +9,16 @@ from flask import Flask, Response, jsonify, request, stream_with_context
 
 from neuron_serve.engine.sampler import brief
 from neuron_serve.engine.sequence import Delta, Finished, Sequence
-from neuron_serve.server.http import events, json_body, log_request, new_id, ready_service, sse, submit
+from neuron_serve.server.http import (
+    SHUTTING_DOWN,
+    events,
+    json_body,
+    log_request,
+    new_id,
+    ready_service,
+    sse,
+    submit,
+)
 from neuron_serve.server.inputs import chat_prompt, checked_text, completion_prompt
 from neuron_serve.server.protocol import (
     APIError,
@@ -70,9 +79,10 @@ def collect(service: ModelService, seq: Sequence, route: str) -> tuple[str, Fini
     if finished is None:
         log_request(service, route, seq, None, CLIENT_CLOSED)
         return None
-    log_request(service, route, seq, finished, 500 if finished.error else 200)
+    status = (503 if finished.error == SHUTTING_DOWN else 500) if finished.error else 200
+    log_request(service, route, seq, finished, status)
     if finished.error:
-        raise APIError(500, finished.error, None, "server_error")
+        raise APIError(status, finished.error, None, "server_error")
     return "".join(text), finished
 
 
