@@ -2,12 +2,13 @@
 recompile, and drive the tuned deployment with the same traffic, in one run.
 
     python -m benchmarks.tune_loop [--recipe compile/smollm2-135m-cpu.toml] [--concurrency 8]
-                                   [--requests 96] [--output bench-results/tune-loop]
+                                   [--requests 96] [--slo ttft=S,itl=S] [--output bench-results/tune-loop]
 
 Traffic: 85 % of the prompts near 100 tokens and 15 % near 900 (each within 10 %), 32 output tokens,
 streaming ``/v1/completions`` through `neuron-serve bench` in a closed loop. The first server's traffic
-profile (``POST /admin/traffic``) is copied to ``profiles/<name>/`` and ``neuron-serve tune`` writes
-the tuned recipe beside it, as ``<name>-tuned.toml``; its compile reuses the cached weight shards.
+profile (``POST /admin/traffic``) is copied to ``profiles/<name>/``, ``neuron-serve profile`` writes the
+device profile of the graphs it ran beside it, and ``neuron-serve tune`` (with ``--slo`` when given)
+writes the tuned recipe there too, as ``<name>-tuned.toml``; its compile reuses the cached weight shards.
 Each server's padding comes from its own ``/metrics`` (prompt tokens run per padded token slot of the
 step graph's prompt buckets). The table is printed and written to ``--output/tune-loop.md``.
 """
@@ -77,28 +78,18 @@ def run(artifacts: Path, dataset: Path, args: argparse.Namespace, label: str) ->
     return {"level": level, "real": real, "padded": padded, "profile": profile}
 
 
-def tuned_recipe(recipe_path: Path, profile: Path, name: str) -> Path:
-    """Copy the profile to profiles/<name>/ and tune the recipe on it there."""
+def tuned_recipe(recipe_path: Path, artifacts: Path, profile: Path, name: str, slo: str) -> Path:
+    """Copy the profile to profiles/<name>/, profile the graphs it ran, and tune the recipe on both."""
     folder = Path("profiles") / name
     folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("traffic-*.json"):
+    for old in [*folder.glob("traffic-*.json"), *folder.glob("device-*.json")]:
         old.unlink()
     shutil.copy2(profile, folder / profile.name)
+    cli = [sys.executable, "-m", "neuron_serve.cli"]
+    subprocess.run([*cli, "profile", str(artifacts), "--traffic", str(folder), "--out-dir", "profiles"], check=True)
     out = folder / f"{name}-tuned.toml"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "neuron_serve.cli",
-            "tune",
-            str(recipe_path),
-            "--profiles",
-            str(folder),
-            "--out",
-            str(out),
-        ],
-        check=True,
-    )
+    tune = [*cli, "tune", str(recipe_path), "--profiles", str(folder), "--out", str(out)]
+    subprocess.run([*tune, *(["--slo", slo] if slo else [])], check=True)
     tuned = load_recipe(out)
     tuned.name = f"{name}-tuned"  # its own artifacts, beside the original's
     out.write_text(dumps_recipe(tuned, comment=f"Tuned from {recipe_path} by `neuron-serve tune` on {profile.name}."))
@@ -127,6 +118,7 @@ def main() -> None:
     parser.add_argument("--recipe", type=Path, default=Path("compile/smollm2-135m-cpu.toml"))
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--requests", type=int, default=96)
+    parser.add_argument("--slo", default="", help="tune's latency objectives, e.g. ttft=2,itl=0.5 (default: none)")
     parser.add_argument("--output", type=Path, default=Path("bench-results/tune-loop"))
     args = parser.parse_args()
     args.output.mkdir(parents=True, exist_ok=True)
@@ -135,7 +127,7 @@ def main() -> None:
     dataset = args.output / "skewed.jsonl"
     skewed_dataset(artifacts / "tokenizer", args.requests, dataset)
     before = run(artifacts, dataset, args, "before")
-    tuned_path = tuned_recipe(args.recipe, before["profile"], recipe.name)
+    tuned_path = tuned_recipe(args.recipe, artifacts, before["profile"], recipe.name, args.slo)
     tuned = load_recipe(tuned_path)
     after = run(compile_recipe(tuned).out_dir, dataset, args, "after")
     report = table([recipe, tuned], [before, after])

@@ -145,7 +145,13 @@ def _add_serve(subparsers) -> None:
         "serve", help="serve an artifact directory, or a recipe (compiled first), over HTTP with gunicorn"
     )
     p.add_argument("target", nargs="?", help="artifact directory or recipe TOML (none: SageMaker's /opt/ml/model)")
-    p.add_argument("--host", help="default: the recipe's [serve] host")
+    p.add_argument("--host", help="default: the recipe's [serve] host (127.0.0.1 unless it says otherwise)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("NEURON_SERVE_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on every route but /ping and /health "
+        "(default: $NEURON_SERVE_API_KEY, which keeps the key out of the process list)",
+    )
     p.add_argument("--port", type=int, help="default: the recipe's [serve] port (8080)")
     p.add_argument("--workers", type=int, help="model replicas (gunicorn workers)")
     p.add_argument("--max-waiting", type=int, help="bound of the waiting queue; beyond it requests get 429")

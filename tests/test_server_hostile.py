@@ -295,3 +295,39 @@ def test_slowloris_connections_hold_no_thread(tiny_server):
     finally:
         for connection in held:
             connection.close()
+
+
+def test_an_api_key_guards_every_route_but_the_health_checks(tiny_artifacts):
+    import openai
+    from server_handle import ServerHandle
+
+    server = ServerHandle(tiny_artifacts, "--api-key", "s3cret-key")
+    try:
+        for path in ("/ping", "/health"):
+            assert requests.get(f"{server.base_url}{path}", timeout=10).status_code == 200
+        assert_400(post(server, "/v1/completions", completion(server)), "no API key", status=401)
+        assert_400(post(server, "/invocations", {"inputs": "hi"}), "no API key", status=401)
+        wrong = {"Authorization": "Bearer nope"}
+        assert_400(post(server, "/v1/completions", completion(server), headers=wrong), "incorrect API key", status=401)
+        assert requests.get(f"{server.base_url}/metrics", timeout=10).status_code == 401
+        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="s3cret-key", max_retries=0)
+        assert client.completions.create(model=server.model, prompt="hi", max_tokens=2).usage.completion_tokens == 2
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="nope", max_retries=0).models.list()
+        assert "s3cret-key" not in server.logs()
+    finally:
+        server.stop()
+
+
+def test_the_recipe_caps_max_tokens_per_request():
+    from conftest import tiny_recipe
+
+    from neuron_serve.recipe.validation import recipe_errors
+    from neuron_serve.server.protocol import APIError, Limits, sampling_params
+
+    limits = Limits(max_seq_len=2048, vocab_size=100, max_tokens_default=16, longest_token=8, max_tokens_cap=64)
+    assert sampling_params({"max_tokens": 64}, 10, limits, "max_tokens").max_tokens == 64
+    with pytest.raises(APIError, match=r"max_tokens \(65\) is over this server's cap of 64"):
+        sampling_params({"max_tokens": 65}, 10, limits, "max_tokens")
+    capped = tiny_recipe(**{"serve.max_tokens_cap": 16})
+    assert recipe_errors(capped) == ["serve.max_tokens_default: must be at most serve.max_tokens_cap (16), got 32"]

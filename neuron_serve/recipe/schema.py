@@ -114,11 +114,12 @@ class CompilerSection:
 
 @dataclass
 class ServeSection:
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # an open endpoint is opted into (serve --host), never a default
     port: int = 8080
     workers: int = 1
     max_waiting: int = 256
     max_tokens_default: int = 256
+    max_tokens_cap: int = 0  # the most tokens one request may ask for; 0 = what the context leaves
     graceful_timeout_s: int = 30
 
 

@@ -253,6 +253,12 @@ def _check_serve(errors: list[str], s: ServeSection) -> None:
     _at_least(errors, "serve.workers", s.workers, 1)
     _at_least(errors, "serve.max_waiting", s.max_waiting, 1)
     _at_least(errors, "serve.max_tokens_default", s.max_tokens_default, 1)
+    _at_least(errors, "serve.max_tokens_cap", s.max_tokens_cap, 0)
+    if s.max_tokens_cap and s.max_tokens_default > s.max_tokens_cap:
+        errors.append(
+            f"serve.max_tokens_default: must be at most serve.max_tokens_cap ({s.max_tokens_cap}), "
+            f"got {s.max_tokens_default}"
+        )
     _at_least(errors, "serve.graceful_timeout_s", s.graceful_timeout_s, 0)
 
 

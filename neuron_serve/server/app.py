@@ -6,6 +6,7 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from neuron_serve.engine.metrics import render, traffic_profile
+from neuron_serve.server.auth import require_key
 from neuron_serve.server.protocol import APIError
 from neuron_serve.server.routes import register_routes
 from neuron_serve.server.service import ModelService
@@ -20,12 +21,18 @@ def create_app(service: ModelService) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = service.settings.max_body_bytes + 1
     app.extensions["service"] = service
 
+    @app.before_request
+    def authenticate():
+        require_key(service.settings.api_key_sha256)
+
     @app.errorhandler(APIError)
     def api_error(error: APIError):
         response = jsonify(error.body())
         response.status_code = error.status
         if error.status == 429:
             response.headers["Retry-After"] = "1"
+        if error.status == 401:
+            response.headers["WWW-Authenticate"] = "Bearer"
         return response
 
     @app.errorhandler(HTTPException)

@@ -25,7 +25,8 @@ from neuron_serve.backends.registry import backend_for
 from neuron_serve.compiler.compile import compile_recipe, kv_cache_bytes
 from neuron_serve.recipe.files import load_recipe
 from neuron_serve.recipe.schema import Recipe
-from neuron_serve.server.app import create_app
+from neuron_serve.server.app import LOOPBACK, create_app
+from neuron_serve.server.auth import key_digest
 from neuron_serve.server.service import ModelService, ServeSettings
 
 SAGEMAKER_MODEL_DIR = Path("/opt/ml/model")
@@ -119,13 +120,18 @@ def serve(args: argparse.Namespace) -> int:
         model_name=args.model_name or manifest.recipe.name,
         max_waiting=max_waiting,
         max_tokens_default=serve_section.max_tokens_default,
+        max_tokens_cap=serve_section.max_tokens_cap,
         log_prompts=args.log_prompts,
         profile_dir=Path(args.profile_dir),
+        api_key_sha256=key_digest(args.api_key) if args.api_key else "",
     )
+    host = args.host or serve_section.host
+    if not args.api_key and host not in (*LOOPBACK, "localhost"):
+        print(f"warning: serving on {host} without --api-key: anyone who reaches the port can use it", file=sys.stderr)
     batch_size = manifest.recipe.shapes.batch_size
     print(describe(manifest, artifacts), file=sys.stderr)
     options = {
-        "bind": f"{args.host or serve_section.host}:{args.port or serve_section.port}",
+        "bind": f"{host}:{args.port or serve_section.port}",
         "workers": workers,
         "worker_class": "neuron_serve.server.worker.ServingWorker",  # gthread, guarded (its docstring)
         # Every stream holds a thread until it ends: slots + queue + room for /ping and /metrics.

@@ -27,6 +27,7 @@ class Limits:
     vocab_size: int
     max_tokens_default: int
     longest_token: int  # characters of the model's longest token (its vocabulary's longest string)
+    max_tokens_cap: int = 0  # the recipe's per-request cap; 0: none but the context
 
     @property
     def max_prompt_chars(self) -> int:
@@ -149,6 +150,12 @@ def sampling_params(body: dict[str, Any], prompt_len: int, limits: Limits, max_t
     max_tokens = _typed(body, max_tokens_field, int, None)
     if max_tokens is None and max_tokens_field == "max_completion_tokens":
         max_tokens = _typed(body, "max_tokens", int, None)
+    if max_tokens is not None and limits.max_tokens_cap and max_tokens > limits.max_tokens_cap:
+        raise APIError(
+            400,
+            f"{max_tokens_field} ({max_tokens}) is over this server's cap of {limits.max_tokens_cap}",
+            max_tokens_field,
+        )
     if max_tokens is not None and prompt_len + max_tokens > limits.max_seq_len:
         raise APIError(
             400,

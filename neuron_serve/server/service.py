@@ -28,9 +28,11 @@ class ServeSettings:
     model_name: str
     max_waiting: int = 256
     max_tokens_default: int = 256
+    max_tokens_cap: int = 0  # 0: no cap but the context
     max_body_bytes: int = 4 * 1024 * 1024
     log_prompts: bool = False
     profile_dir: Path = Path("profiles")  # traffic profiles go to profile_dir/<model_name>/
+    api_key_sha256: str = ""  # the key's digest, never the key: "" serves without one
 
 
 class ModelService:
@@ -66,8 +68,14 @@ class ModelService:
             config, recipe = manifest.model_config, manifest.recipe
             self.eos_ids = stop_ids(self.tokenizer, config.eos_token_ids)
             longest_token = max(map(len, self.tokenizer.get_vocab()))
-            max_tokens = self.settings.max_tokens_default
-            self.limits = Limits(runner.graphs.max_seq_len, config.vocab_size, max_tokens, longest_token)
+            settings = self.settings
+            self.limits = Limits(
+                runner.graphs.max_seq_len,
+                config.vocab_size,
+                settings.max_tokens_default,
+                longest_token,
+                settings.max_tokens_cap,
+            )
             self.source = manifest.source.get("spec", "")
             kernels = frozenset(recipe.kernels.enabled)
             self.engine = Engine(runner, self.metrics, self.settings.max_waiting, kernels).start()

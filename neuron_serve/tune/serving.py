@@ -126,7 +126,7 @@ def tune_prompt_budget(recipe: Recipe, profile: TrafficProfile, slo: Slo) -> tup
         smaller = max(LENGTH_STEP, int(largest * slo.itl_s / mean_itl) // LENGTH_STEP * LENGTH_STEP)
         if smaller < largest:
             reason = (
-                f"{itl.figure} (mean {mean_itl:g} s) while {share:.0%} of steps carried prompt chunks: a step's "
+                f"{itl.figure} (mean {mean_itl:.3g} s) while {share:.0%} of steps carried prompt chunks: a step's "
                 f"prompt budget falls from {largest} to {smaller} tokens"
             )
             return _prompt_budget_recipe(recipe, smaller), Change(field, largest, smaller, reason)
