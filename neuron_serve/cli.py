@@ -152,6 +152,13 @@ def _add_serve(subparsers) -> None:
         help="require 'Authorization: Bearer KEY' on every route but /ping and /health "
         "(default: $NEURON_SERVE_API_KEY, which keeps the key out of the process list)",
     )
+    p.add_argument(
+        "--tenants",
+        type=Path,
+        help="a tenants file (TOML): each tenant's key digest, models, rate limits and weight "
+        "(neuron_serve/server/tenants.py); instead of --api-key",
+    )
+    p.add_argument("--usage-log", type=Path, help="append each request's usage record (JSON lines, no text) here")
     p.add_argument("--port", type=int, help="default: the recipe's [serve] port (8080)")
     p.add_argument("--workers", type=int, help="model replicas (gunicorn workers)")
     p.add_argument("--max-waiting", type=int, help="bound of the waiting queue; beyond it requests get 429")

@@ -147,7 +147,9 @@ def test_an_over_long_prompt_is_refused_before_the_tokenizer(tiny_server):
     """A prompt longer than max_seq_len x the longest token cannot fit: 400 without tokenizing."""
     prompt = "word " * 200_000
     assert_400(post(tiny_server, "/v1/completions", completion(tiny_server, prompt=prompt)), "characters", "128 tokens")
-    assert_400(post(tiny_server, "/tokenize", {"prompt": prompt}), "characters")
+    assert_400(post(tiny_server, "/tokenize", {"prompt": prompt}), "characters", "at most 65536")
+    long_count = post(tiny_server, "/tokenize", {"prompt": "word " * 2_000})  # longer than any prompt: counted
+    assert long_count.status_code == 200 and long_count.json()["count"] > 128
     messages = [{"role": "user", "content": prompt}]
     assert_400(post(tiny_server, "/v1/chat/completions", chat(tiny_server, messages=messages)), "characters")
     assert_400(post(tiny_server, "/invocations", {"inputs": prompt}), "characters")

@@ -51,6 +51,16 @@ class Metrics:
         self.generation_tokens = Counter(P + "generation_tokens", "Generated tokens", **kw).labels(model_name)
         labels = {**kw, "labelnames": ["model_name", "finished_reason"]}
         self.finished = Counter(P + "request_success", "Finished requests by reason", **labels)
+        # Metering: by tenant name (server/tenants.py), never by key.
+        tenant_kw = {**kw, "labelnames": ["model_name", "tenant", "status"]}
+        self.tenant_requests = Counter(
+            P + "tenant_requests", "Requests answered, by tenant and HTTP status", **tenant_kw
+        )
+        tenant_kw = {**kw, "labelnames": ["model_name", "tenant"]}
+        self.tenant_prompt_tokens = Counter(P + "tenant_prompt_tokens", "Prompt tokens, by tenant", **tenant_kw)
+        self.tenant_completion_tokens = Counter(
+            P + "tenant_completion_tokens", "Completion tokens, by tenant", **tenant_kw
+        )
         bucket_kw = {**kw, "labelnames": ["model_name", "bucket"]}
         self.bucket_real = Counter(P + "bucket_real_tokens", "Real tokens run through a bucket's graph", **bucket_kw)
         self.bucket_padded = Counter(P + "bucket_padded_tokens", "Token slots the bucket's graph ran", **bucket_kw)

@@ -5,10 +5,16 @@ it for a step and tells it what finished. The policy is Sarathi-Serve's stall-fr
 compiled slots and the graph set's token budget (``artifact/graphs.py``):
 
 1. every request whose prompt is in the cache decodes one token;
-2. the rest of the budget goes to prompts, in arrival order: first the one prompt cut short by the
-   last step, then waiting requests, each taking the lowest free slot, whole if it fits and cut
-   otherwise. So a long prompt is spread over steps and no running stream ever waits more than one
-   step for its next token, and only the last prompt of a step is ever cut.
+2. the rest of the budget goes to prompts: first the one prompt cut short by the last step, then
+   waiting requests, each taking the lowest free slot, whole if it fits and cut otherwise. So a long
+   prompt is spread over steps and no running stream ever waits more than one step for its next
+   token, and only the last prompt of a step is ever cut.
+
+Waiting requests are admitted by start-time fair queueing over their tenants (Goyal, Vin and Cheng,
+1996): a request's tag is the later of the queue's virtual time and its tenant's previous tag plus
+1 / weight, and the smallest tag goes first (arrival order among equals, and for a single tenant).
+A tenant that floods the queue only pushes its own tags out: another tenant's next request is
+admitted after at most one admission per other tenant waiting (weighted), not behind the flood.
 
 The lowest free slot keeps busy slots low, so a step's decode rows (up to its highest decoding slot)
 stay near the number of streams without moving any cache row.
@@ -16,7 +22,8 @@ stay near the number of streams without moving any cache row.
 
 from __future__ import annotations
 
-import collections
+import heapq
+import itertools
 from dataclasses import dataclass, field
 
 from neuron_serve.artifact.graphs import GraphSet
@@ -47,9 +54,12 @@ class Scheduler:
     def __init__(self, graphs: GraphSet, max_waiting: int):
         self.graphs = graphs
         self.slots: list[Sequence | None] = [None] * graphs.batch_size
-        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.waiting: list[tuple[float, int, Sequence]] = []  # a heap of (tag, arrival, request)
         self.prefilling: list[Sequence] = []  # in slots, prompt not all in the cache; arrival order
         self.max_waiting = max_waiting
+        self.virtual_time = 0.0  # the tag of the last request admitted
+        self.next_tag: dict[str, float] = {}  # per tenant: the earliest tag its next request may have
+        self.arrivals = itertools.count()
 
     @property
     def busy(self) -> int:
@@ -61,7 +71,9 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         if len(self.waiting) >= self.max_waiting:
             raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests)")
-        self.waiting.append(seq)
+        tag = max(self.virtual_time, self.next_tag.get(seq.tenant, 0.0))
+        self.next_tag[seq.tenant] = tag + 1.0 / seq.weight
+        heapq.heappush(self.waiting, (tag, next(self.arrivals), seq))
 
     def schedule(self) -> StepPlan:
         """The next step; its batch is empty when nothing can run."""
@@ -85,10 +97,11 @@ class Scheduler:
         return plan
 
     def _admit(self, plan: StepPlan) -> Sequence | None:
-        """The first waiting request that is still wanted, placed in the lowest free slot; None when
+        """The waiting request with the smallest tag that is still wanted, in the lowest free slot; None when
         no slot is free or nothing waits. Requests cancelled while they waited go to `plan.cancelled`."""
         while self.waiting and None in self.slots:
-            seq = self.waiting.popleft()
+            tag, _, seq = heapq.heappop(self.waiting)
+            self.virtual_time = tag
             if seq.cancelled.is_set():
                 plan.cancelled.append(seq)
                 continue

@@ -51,6 +51,8 @@ class Sequence:
     first_token_at: float | None = None
     last_token_at: float | None = None
     finish_reason: str | None = None
+    tenant: str = ""  # who sent it (the tenants file's name; "" without one)
+    weight: float = 1.0  # the tenant's share of admissions, against the other tenants waiting
 
     def __post_init__(self):
         self.generator: torch.Generator = new_generator(self.params.seed)

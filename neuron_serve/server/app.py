@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from flask import Flask, Response, jsonify, request
+import functools
+import math
+
+from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from neuron_serve.engine.metrics import render, traffic_profile
-from neuron_serve.server.auth import require_key
+from neuron_serve.server.auth import identify
 from neuron_serve.server.protocol import APIError
 from neuron_serve.server.routes import register_routes
 from neuron_serve.server.service import ModelService
+from neuron_serve.server.tenants import Stream, Tenant
 
 LOOPBACK = ("127.0.0.1", "::1")
+GENERATION_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/invocations"})
 
 
 def create_app(service: ModelService) -> Flask:
@@ -23,14 +28,44 @@ def create_app(service: ModelService) -> Flask:
 
     @app.before_request
     def authenticate():
-        require_key(service.settings.api_key_sha256)
+        settings = service.settings
+        g.tenant = identify(settings.api_key_sha256, settings.tenants)
+        if g.tenant is None:
+            return
+        if not g.tenant.may_use(settings.model_name) and request.path != "/v1/models":
+            message = f"tenant {g.tenant.name!r} may not use the model {settings.model_name!r}"
+            raise APIError(403, message, "model", "permission_error")
+        if request.method == "POST" and request.path in GENERATION_ROUTES:
+            open_stream(g.tenant)
+
+    def open_stream(tenant: Tenant) -> None:
+        """Count the request against the tenant's quotas, or answer 429; the stream closes with the response."""
+        why, wait, g.quota_headers = service.quotas.admit(tenant)
+        if why:
+            retry = str(max(1, math.ceil(wait)))
+            message = f"tenant {tenant.name!r} is over its limit of {why}; retry in {retry} s"
+            raise APIError(429, message, None, "rate_limit_exceeded", {**g.quota_headers, "Retry-After": retry})
+        g.stream = Stream(tenant)
+
+    @app.after_request
+    def close_stream_with_response(response: Response) -> Response:
+        response.headers.update(g.get("quota_headers", {}))
+        if "stream" in g:  # a streamed response closes when its last event is sent
+            response.call_on_close(functools.partial(g.stream.close, service.quotas))
+        return response
+
+    @app.teardown_request
+    def close_stream_on_failure(_error) -> None:
+        if "stream" in g and _error is not None:  # no response was made: close the stream here
+            g.stream.close(service.quotas)
 
     @app.errorhandler(APIError)
     def api_error(error: APIError):
         response = jsonify(error.body())
         response.status_code = error.status
+        response.headers.update(error.headers)
         if error.status == 429:
-            response.headers["Retry-After"] = "1"
+            response.headers.setdefault("Retry-After", "1")
         if error.status == 401:
             response.headers["WWW-Authenticate"] = "Bearer"
         return response

@@ -28,6 +28,7 @@ from neuron_serve.recipe.schema import Recipe
 from neuron_serve.server.app import LOOPBACK, create_app
 from neuron_serve.server.auth import key_digest
 from neuron_serve.server.service import ModelService, ServeSettings
+from neuron_serve.server.tenants import load_tenants
 
 SAGEMAKER_MODEL_DIR = Path("/opt/ml/model")
 
@@ -67,6 +68,10 @@ class ServerApplication(BaseApplication):
 
     def load(self):
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+        if self.settings.usage_log:
+            usage = logging.FileHandler(self.settings.usage_log)  # appends: every worker, one line each
+            usage.setFormatter(logging.Formatter("%(message)s"))
+            logging.getLogger("neuron_serve.requests").addHandler(usage)
         return create_app(ModelService(self.settings).start())
 
 
@@ -124,9 +129,14 @@ def serve(args: argparse.Namespace) -> int:
         log_prompts=args.log_prompts,
         profile_dir=Path(args.profile_dir),
         api_key_sha256=key_digest(args.api_key) if args.api_key else "",
+        tenants=load_tenants(args.tenants) if args.tenants else {},
+        replicas=workers,
+        usage_log=args.usage_log,
     )
+    if settings.api_key_sha256 and settings.tenants:
+        raise ValueError("give --api-key or --tenants, not both: the tenants file holds every key")
     host = args.host or serve_section.host
-    if not args.api_key and host not in (*LOOPBACK, "localhost"):
+    if not (settings.api_key_sha256 or settings.tenants) and host not in (*LOOPBACK, "localhost"):
         print(f"warning: serving on {host} without --api-key: anyone who reaches the port can use it", file=sys.stderr)
     batch_size = manifest.recipe.shapes.batch_size
     print(describe(manifest, artifacts), file=sys.stderr)

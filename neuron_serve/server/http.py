@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Iterator
 from queue import Empty
 
-from flask import current_app, request
+from flask import current_app, g, request
 
 from neuron_serve.engine.sampler import brief
 from neuron_serve.engine.scheduler import QueueFullError
@@ -53,7 +53,10 @@ def json_body() -> dict:
 
 
 def submit(service: ModelService, prompt_ids: list[int], params) -> Sequence:
+    tenant = g.get("tenant")
     seq = Sequence(prompt_ids, params, service.tokenizer, service.eos_ids)
+    if tenant is not None:
+        seq.tenant, seq.weight = tenant.name, tenant.weight
     try:
         service.engine.submit(seq)
     except QueueFullError as error:
@@ -105,12 +108,23 @@ def sse(payload: dict | str) -> str:
 
 
 def log_request(service: ModelService, route: str, seq: Sequence, finished: Finished | None, status: int) -> None:
+    """The request's usage record (JSON, no prompt text unless --log-prompts), and its tenant's meters."""
+    prompt, completion = len(seq.prompt_ids), len(seq.output_ids)
+    if seq.tenant:
+        metrics, model = service.metrics, service.settings.model_name
+        metrics.tenant_requests.labels(model, seq.tenant, str(status)).inc()
+        metrics.tenant_prompt_tokens.labels(model, seq.tenant).inc(prompt)
+        metrics.tenant_completion_tokens.labels(model, seq.tenant).inc(completion)
+        if "stream" in g:
+            g.stream.tokens = prompt + completion  # charged to its tokens per minute when the stream closes
     record = {
         "request_id": seq.request_id,
+        "tenant": seq.tenant or None,
+        "model": service.settings.model_name,
         "route": route,
         "status": status,
-        "prompt_tokens": len(seq.prompt_ids),
-        "completion_tokens": len(seq.output_ids),
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
         "finish_reason": seq.finish_reason,
         "queue_s": round(seq.scheduled_at - seq.arrival, 4) if seq.scheduled_at else None,
         "ttft_s": round(seq.first_token_at - seq.arrival, 4) if seq.first_token_at else None,

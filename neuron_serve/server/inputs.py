@@ -14,17 +14,23 @@ from typing import Any
 from neuron_serve.engine.prompts import chat_token_ids
 from neuron_serve.server.protocol import APIError, Limits
 
+# /tokenize counts the tokens of texts that need not fit a prompt (`neuron-serve bench` cuts its prompts
+# from a corpus encoded 2,000 characters at a time): it takes up to this many characters, or a whole
+# prompt's worth where that is more. 64 K characters tokenize in milliseconds.
+TOKENIZE_MAX_CHARS = 65_536
 
-def checked_text(text: str, limits: Limits, param: str) -> str:
-    """`text`, or a 400 that names why the tokenizer will not see it."""
-    most = limits.max_prompt_chars
-    if len(text) > most:
-        raise APIError(
-            400,
-            f"'{param}' has {len(text)} characters; this model's {limits.max_seq_len} tokens of at most "
-            f"{limits.longest_token} characters each hold at most {most}",
-            param,
+
+def checked_text(text: str, limits: Limits, param: str, most: int = 0) -> str:
+    """`text`, or a 400 that names why the tokenizer will not see it. `most`: a bound of the route's
+    own in characters (default: the longest prompt that could fit the model's context)."""
+    if len(text) > (most or limits.max_prompt_chars):
+        why = (
+            f"this route takes at most {most}"
+            if most
+            else f"this model's {limits.max_seq_len} tokens of at most {limits.longest_token} characters each "
+            f"hold at most {limits.max_prompt_chars}"
         )
+        raise APIError(400, f"'{param}' has {len(text)} characters; {why}", param)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as error:

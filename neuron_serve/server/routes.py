@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from flask import Flask, Response, jsonify, request, stream_with_context
+from flask import Flask, Response, g, jsonify, request, stream_with_context
 
 from neuron_serve.engine.sampler import brief
 from neuron_serve.engine.sequence import Delta, Finished, Sequence
@@ -19,7 +19,7 @@ from neuron_serve.server.http import (
     sse,
     submit,
 )
-from neuron_serve.server.inputs import chat_prompt, checked_text, completion_prompt
+from neuron_serve.server.inputs import TOKENIZE_MAX_CHARS, chat_prompt, checked_text, completion_prompt
 from neuron_serve.server.protocol import (
     APIError,
     check_model,
@@ -251,7 +251,9 @@ def register_routes(app: Flask, service: ModelService) -> None:
             "root": service.source or service.settings.model_name,
             "max_model_len": service.limits.max_seq_len if service.limits else None,
         }
-        return jsonify({"object": "list", "data": [model]})
+        tenant = g.get("tenant")
+        visible = tenant is None or tenant.may_use(service.settings.model_name)
+        return jsonify({"object": "list", "data": [model] if visible else []})
 
     @app.post("/tokenize")
     def tokenize():
@@ -265,7 +267,8 @@ def register_routes(app: Flask, service: ModelService) -> None:
                 raise APIError(
                     400, f"'add_special_tokens' must be true or false, got {brief(special)}", "add_special_tokens"
                 )
-            text = checked_text(body["prompt"], live.limits, "prompt")
+            most = max(TOKENIZE_MAX_CHARS, live.limits.max_prompt_chars)
+            text = checked_text(body["prompt"], live.limits, "prompt", most)
             tokens = live.tokenizer.encode(text, add_special_tokens=special)
         else:
             raise APIError(400, "give 'prompt' (a string) or 'messages'", "prompt")

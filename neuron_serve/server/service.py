@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import AutoTokenizer
@@ -18,6 +18,7 @@ from neuron_serve.engine.forward_process import ForwardProcess
 from neuron_serve.engine.metrics import metrics_for
 from neuron_serve.engine.prompts import stop_ids
 from neuron_serve.server.protocol import Limits
+from neuron_serve.server.tenants import Quotas, Tenant
 
 log = logging.getLogger("neuron_serve.server.service")
 
@@ -33,6 +34,9 @@ class ServeSettings:
     log_prompts: bool = False
     profile_dir: Path = Path("profiles")  # traffic profiles go to profile_dir/<model_name>/
     api_key_sha256: str = ""  # the key's digest, never the key: "" serves without one
+    tenants: dict[str, Tenant] = field(default_factory=dict)  # by key digest (server/tenants.py)
+    replicas: int = 1  # the workers, which share each tenant's limits
+    usage_log: Path | None = None  # each request's usage record, appended as JSON lines
 
 
 class ModelService:
@@ -46,6 +50,7 @@ class ModelService:
         self.eos_ids: frozenset[int] = frozenset()
         self.metrics = metrics_for(settings.model_name)
         self.source = ""
+        self.quotas = Quotas(settings.replicas)
         self._thread = threading.Thread(target=self._load, name="neuron-serve-loader", daemon=True)
 
     def start(self) -> ModelService:
