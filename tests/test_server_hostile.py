@@ -333,3 +333,18 @@ def test_the_recipe_caps_max_tokens_per_request():
         sampling_params({"max_tokens": 65}, 10, limits, "max_tokens")
     capped = tiny_recipe(**{"serve.max_tokens_cap": 16})
     assert recipe_errors(capped) == ["serve.max_tokens_default: must be at most serve.max_tokens_cap (16), got 32"]
+
+
+def test_tiny_penalties_and_temperatures_cannot_fail_the_batch(tiny_server):
+    """Found by the fuzz: a repetition penalty of 5e-324 (or a temperature as small) overflowed the
+    logits to inf, and the nan it made failed every stream of the replica's step."""
+    long = completion(tiny_server, max_tokens=60, ignore_eos=True)
+    with ThreadPoolExecutor(2) as pool:
+        beside = pool.submit(post, tiny_server, "/v1/completions", long)
+        time.sleep(0.05)
+        bad = post(tiny_server, "/v1/completions", completion(tiny_server, repetition_penalty=5e-324))
+        assert_400(bad, "repetition_penalty", "[0.01, 10.0]")
+        tiny = post(tiny_server, "/v1/completions", completion(tiny_server, temperature=5e-324, max_tokens=8))
+        greedy = post(tiny_server, "/v1/completions", completion(tiny_server, temperature=0, max_tokens=8))
+        assert tiny.status_code == 200 and tiny.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
+        assert beside.result().status_code == 200

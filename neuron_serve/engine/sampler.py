@@ -17,6 +17,11 @@ import torch
 import nki_kernels
 from nki_kernels.tiles import MAX_CANDIDATES
 
+# vLLM's rule: a temperature this low samples as greedy. Dividing logits by a smaller one overflows to
+# inf, and a softmax of inf is nan: a request must not be able to make its batch's sampling fail.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+# Repetition penalties divide or multiply logits: outside this range they overflow in the same way.
+REPETITION_PENALTY_RANGE = (0.01, 10.0)
 # Seeds a torch.Generator takes: a 64-bit value, signed or not.
 SEED_RANGE = (-(2**63), 2**64 - 1)
 MAX_STOP_STRINGS = 16
@@ -56,7 +61,11 @@ class SamplingParams:
             ("temperature", 0.0 <= self.temperature <= 2.0, "must be in [0, 2]"),
             ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
             ("top_k", 0 <= self.top_k <= vocab_size, f"must be in [0, {vocab_size}] (0 = off)"),
-            ("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "must be in (0, 10]"),
+            (
+                "repetition_penalty",
+                REPETITION_PENALTY_RANGE[0] <= self.repetition_penalty <= REPETITION_PENALTY_RANGE[1],
+                f"must be in {list(REPETITION_PENALTY_RANGE)}",
+            ),
             ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be in [-2, 2]"),
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]"),
             (
@@ -81,7 +90,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 def new_generator(seed: int | None) -> torch.Generator:
@@ -175,7 +184,7 @@ def _sample_fused(requests: list[SamplingState], logits: torch.Tensor) -> list[i
     uniform = torch.cat([torch.rand(1, generator=request.generator, dtype=torch.float64) for request in requests])
     ids = nki_kernels.sample(
         logits,
-        torch.tensor([p.temperature for p in params]),
+        torch.tensor([0.0 if p.greedy else p.temperature for p in params]),
         torch.tensor([p.top_k for p in params]),
         torch.tensor([p.top_p for p in params], dtype=torch.float64),
         uniform,

@@ -10,6 +10,7 @@ from werkzeug.exceptions import HTTPException
 
 from neuron_serve.engine.metrics import render, traffic_profile
 from neuron_serve.server.auth import identify
+from neuron_serve.server.openapi import openapi_document
 from neuron_serve.server.protocol import APIError
 from neuron_serve.server.routes import register_routes
 from neuron_serve.server.service import ModelService
@@ -85,6 +86,10 @@ def create_app(service: ModelService) -> Flask:
         if service.error:
             body["error"] = service.error
         return jsonify(body), 200 if service.state == "ready" else 503
+
+    @app.get("/openapi.json")
+    def openapi():
+        return jsonify(openapi_document(service.settings.model_name))
 
     @app.get("/metrics")
     def metrics():
