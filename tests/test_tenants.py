@@ -100,6 +100,8 @@ def test_tenants_get_their_models_their_limits_and_their_meters(tiny_artifacts, 
         assert samples[("neuron_serve:tenant_prompt_tokens_total", "alpha", None)] == prompt
         assert samples[("neuron_serve:tenant_completion_tokens_total", "alpha", None)] == 9
         assert samples[("neuron_serve:tenant_requests_total", "alpha", "200")] == 3
+        assert samples[("neuron_serve:tenant_requests_total", "alpha", "429")] == 1
+        assert samples[("neuron_serve:tenant_requests_total", "beta", "403")] == 1
         assert "alpha-key" not in metrics.text
         records = [json.loads(line) for line in usage_log.read_text().splitlines()]
         alpha = [r for r in records if r["tenant"] == "alpha"]

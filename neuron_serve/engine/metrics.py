@@ -53,9 +53,7 @@ class Metrics:
         self.finished = Counter(P + "request_success", "Finished requests by reason", **labels)
         # Metering: by tenant name (server/tenants.py), never by key.
         tenant_kw = {**kw, "labelnames": ["model_name", "tenant", "status"]}
-        self.tenant_requests = Counter(
-            P + "tenant_requests", "Requests answered, by tenant and HTTP status", **tenant_kw
-        )
+        self.tenant_requests = Counter(P + "tenant_requests", "Requests of a tenant, by HTTP status", **tenant_kw)
         tenant_kw = {**kw, "labelnames": ["model_name", "tenant"]}
         self.tenant_prompt_tokens = Counter(P + "tenant_prompt_tokens", "Prompt tokens, by tenant", **tenant_kw)
         self.tenant_completion_tokens = Counter(

@@ -50,7 +50,11 @@ def create_app(service: ModelService) -> Flask:
 
     @app.after_request
     def close_stream_with_response(response: Response) -> Response:
+        """Rate-limit headers, the tenant's request count by status, and its stream closed with the response."""
         response.headers.update(g.get("quota_headers", {}))
+        if g.get("tenant") is not None:
+            model = service.settings.model_name
+            service.metrics.tenant_requests.labels(model, g.tenant.name, str(response.status_code)).inc()
         if "stream" in g:  # a streamed response closes when its last event is sent
             response.call_on_close(functools.partial(g.stream.close, service.quotas))
         return response

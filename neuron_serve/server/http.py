@@ -112,7 +112,6 @@ def log_request(service: ModelService, route: str, seq: Sequence, finished: Fini
     prompt, completion = len(seq.prompt_ids), len(seq.output_ids)
     if seq.tenant:
         metrics, model = service.metrics, service.settings.model_name
-        metrics.tenant_requests.labels(model, seq.tenant, str(status)).inc()
         metrics.tenant_prompt_tokens.labels(model, seq.tenant).inc(prompt)
         metrics.tenant_completion_tokens.labels(model, seq.tenant).inc(completion)
         if "stream" in g:
