@@ -11,6 +11,7 @@ from pathlib import Path
 
 from neuron_serve import __version__
 from neuron_serve.bench.cli import add_bench_parser
+from neuron_serve.bench.usage import add_usage_parser
 from neuron_serve.recipe.cli import add_recipe_parser
 from neuron_serve.recipe.schema import DTYPES, torch_dtype
 from neuron_serve.tune.plan_cli import add_plan_parser
@@ -196,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_profile_parser(subparsers)
     add_tune_parser(subparsers)
     add_bench_parser(subparsers)
+    add_usage_parser(subparsers)
     add_plan_parser(subparsers)
     return parser
 

@@ -70,6 +70,24 @@ def post(server, key: str, body: dict | None = None, route: str = "/v1/completio
     return requests.post(f"{server.base_url}{route}", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
 
 
+def test_usage_splits_the_instances_cost_by_tokens(tmp_path, capsys):
+    from neuron_serve.cli import main
+
+    log = tmp_path / "usage.jsonl"
+    records = [
+        {"time": 1000.0, "tenant": "a", "prompt_tokens": 100, "completion_tokens": 200},
+        {"time": 2800.0, "tenant": "b", "prompt_tokens": 50, "completion_tokens": 50},
+        {"time": 4600.0, "tenant": "a", "prompt_tokens": 100, "completion_tokens": 150},
+    ]
+    log.write_text("\n".join(json.dumps(r) for r in records) + "\nnot json\n")
+    assert main(["usage", str(log), "--instance", "inf2.xlarge", "--usd-per-hour", "2.0"]) == 0
+    out = capsys.readouterr().out
+    # One hour at $2.00: a used 550 of 650 tokens, b 100.
+    assert "1.00 h at $2.00/h = $2.00" in out
+    assert "| a | 2 | 200 | 350 | 84.6% | 1.6923 |" in out and "| b | 1 | 50 | 50 | 15.4% | 0.3077 |" in out
+    assert "skipped 1 line(s) that were not usage records" in out
+
+
 def test_tenants_get_their_models_their_limits_and_their_meters(tiny_artifacts, tmp_path):
     from server_handle import ServerHandle
 

@@ -117,6 +117,7 @@ def log_request(service: ModelService, route: str, seq: Sequence, finished: Fini
         if "stream" in g:
             g.stream.tokens = prompt + completion  # charged to its tokens per minute when the stream closes
     record = {
+        "time": round(time.time(), 3),  # when it ended (Unix seconds): usage reports span the log by it
         "request_id": seq.request_id,
         "tenant": seq.tenant or None,
         "model": service.settings.model_name,
