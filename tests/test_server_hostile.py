@@ -172,7 +172,15 @@ def test_null_means_the_default_and_unsupported_fields_are_refused_by_name(tiny_
         assert_400(post(tiny_server, "/v1/completions", completion(tiny_server, **{name: value})), name)
     for name, value in (("continue_final_message", True), ("chat_template", "{{ x }}")):
         assert_400(post(tiny_server, "/v1/chat/completions", chat(tiny_server, **{name: value})), name)
-    for name, value in (("watermark", True), ("truncate", 1), ("top_n_tokens", 2), ("grammar", {}), ("best_of", 2)):
+    for name, value in (
+        ("watermark", True),
+        ("truncate", 1),
+        ("top_n_tokens", 2),
+        ("grammar", {}),
+        ("best_of", 2),
+        ("details", 1.5),  # found by the fuzz: any truthy value was taken for true
+        ("return_full_text", "yes"),
+    ):
         body = {"inputs": "hello", "parameters": {name: value, "max_new_tokens": 2}}
         assert_400(post(tiny_server, "/invocations", body), f"parameters.{name}")
 
@@ -337,7 +345,8 @@ def test_the_recipe_caps_max_tokens_per_request():
 
 def test_tiny_penalties_and_temperatures_cannot_fail_the_batch(tiny_server):
     """Found by the fuzz: a repetition penalty of 5e-324 (or a temperature as small) overflowed the
-    logits to inf, and the nan it made failed every stream of the replica's step."""
+    logits to inf, and the nan it made failed every stream of the replica's step; a top_p of 5e-324
+    rounded to 0 in float32 and kept no token at all."""
     long = completion(tiny_server, max_tokens=60, ignore_eos=True)
     with ThreadPoolExecutor(2) as pool:
         beside = pool.submit(post, tiny_server, "/v1/completions", long)
@@ -347,4 +356,8 @@ def test_tiny_penalties_and_temperatures_cannot_fail_the_batch(tiny_server):
         tiny = post(tiny_server, "/v1/completions", completion(tiny_server, temperature=5e-324, max_tokens=8))
         greedy = post(tiny_server, "/v1/completions", completion(tiny_server, temperature=0, max_tokens=8))
         assert tiny.status_code == 200 and tiny.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
+        nucleus = post(tiny_server, "/v1/completions", completion(tiny_server, top_p=5e-324, max_tokens=8))
+        assert (
+            nucleus.status_code == 200 and nucleus.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
+        )
         assert beside.result().status_code == 200

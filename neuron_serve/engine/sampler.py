@@ -130,6 +130,7 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
         sorted_probs, order = probs.sort(descending=True)
         # Keep the smallest prefix whose mass reaches top_p (always at least the first token).
         outside = sorted_probs.cumsum(0) - sorted_probs >= params.top_p
+        outside[0] = False  # a top_p that rounds to 0 in float32 (5e-324) would otherwise keep nothing
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))

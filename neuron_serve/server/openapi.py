@@ -77,7 +77,17 @@ _USAGE = {
 _TEXT = {"type": "string", "minLength": 1}
 # One server-sent event (its `data` line: a JSON chunk, or "[DONE]").
 _EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
-_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+_TOKEN_IDS = {**_IDS, "minItems": 1}
+# One prompt: text or token ids, either of them alone or as a list of one (OpenAI's batch form).
+_PROMPT = {
+    "oneOf": [
+        _TEXT,
+        _TOKEN_IDS,
+        {"type": "array", "items": _TEXT, "minItems": 1, "maxItems": 1},
+        {"type": "array", "items": _TOKEN_IDS, "minItems": 1, "maxItems": 1},
+    ]
+}
 
 
 def _completion_request(model: str, max_tokens_field: str, prompt_field: dict) -> dict:
@@ -160,7 +170,7 @@ def openapi_document(model: str) -> dict[str, Any]:
         },
     }
     messages = {"messages": {"type": "array", "items": message, "minItems": 1}}
-    prompt = {"prompt": {"oneOf": [_TEXT, _TOKEN_IDS]}}
+    prompt = {"prompt": _PROMPT}
     text_choice = {"type": "object", "properties": {"text": {"type": "string"}, "finish_reason": {"type": "string"}}}
     chat_choice = {"type": "object", "properties": {"message": {"type": "object"}, "finish_reason": {"type": "string"}}}
     tgi = {
@@ -215,7 +225,7 @@ def openapi_document(model: str) -> dict[str, Any]:
             ),
             "/detokenize": _post(
                 "The text of token ids (vLLM)",
-                {"type": "object", "required": ["tokens"], "properties": {"tokens": _TOKEN_IDS}},
+                {"type": "object", "required": ["tokens"], "properties": {"tokens": _IDS}},
                 ok_json,
             ),
             "/v1/models": _get(

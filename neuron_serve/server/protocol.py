@@ -116,6 +116,14 @@ def _token_ids(body: dict, name: str) -> tuple[int, ...]:
     return tuple(ids)
 
 
+def _top_k(body: dict[str, Any]) -> int:
+    """0 or -1 (vLLM's "off") for no top-k, else the count."""
+    top_k = _typed(body, "top_k", int, 0)
+    if top_k < -1:
+        raise APIError(400, f"'top_k' must be -1 or 0 (off), or a count of tokens, got {top_k}", "top_k")
+    return max(0, top_k)
+
+
 def stream_settings(body: dict[str, Any]) -> tuple[bool, bool]:
     """(stream, include_usage), checked before the request is queued."""
     stream = _typed(body, "stream", bool, False)
@@ -175,7 +183,7 @@ def sampling_params(body: dict[str, Any], prompt_len: int, limits: Limits, max_t
         max_tokens=max_tokens if max_tokens is not None else min(limits.max_tokens_default, room),
         temperature=float(_typed(body, "temperature", (int, float), 1.0)),
         top_p=float(_typed(body, "top_p", (int, float), 1.0)),
-        top_k=max(0, _typed(body, "top_k", int, 0)),  # vLLM sends -1 for "off"
+        top_k=_top_k(body),
         seed=_typed(body, "seed", int, None),
         stop=_stop_list(body.get("stop")),
         stop_token_ids=_token_ids(body, "stop_token_ids"),
@@ -189,6 +197,17 @@ def sampling_params(body: dict[str, Any], prompt_len: int, limits: Limits, max_t
     except ValueError as error:
         raise APIError(400, str(error), str(error).split(":")[0]) from None
     return params
+
+
+def tgi_flags(parameters: dict[str, Any]) -> tuple[bool, bool]:
+    """(details, return_full_text) of TGI `parameters`: booleans, not any truthy value."""
+    flags = []
+    for name in ("details", "return_full_text"):
+        value = parameters.get(name)
+        if value is not None and not isinstance(value, bool):
+            raise APIError(400, f"'parameters.{name}' must be true or false, got {brief(value)}", f"parameters.{name}")
+        flags.append(bool(value))
+    return flags[0], flags[1]
 
 
 def tgi_to_openai(parameters: dict[str, Any]) -> dict[str, Any]:

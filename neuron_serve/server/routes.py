@@ -26,6 +26,7 @@ from neuron_serve.server.protocol import (
     reject_unsupported,
     sampling_params,
     stream_settings,
+    tgi_flags,
     tgi_to_openai,
 )
 from neuron_serve.server.service import ModelService
@@ -168,8 +169,8 @@ def invocations(service: ModelService):
     if not isinstance(parameters, dict):
         raise APIError(400, "'parameters' must be an object", "parameters")
     stream = stream_settings(body)[0]
-    details = bool(parameters.get("details"))
-    prefix = inputs if parameters.get("return_full_text") else ""
+    details, full_text = tgi_flags(parameters)
+    prefix = inputs if full_text else ""
     prompt_ids = service.tokenizer.encode(checked_text(inputs, service.limits, "inputs"))
     params = sampling_params(tgi_to_openai(parameters), len(prompt_ids), service.limits, "max_tokens")
     # The client's preference by quality (RFC 9110), not by substring: JSON unless it prefers a stream.
@@ -279,7 +280,7 @@ def register_routes(app: Flask, service: ModelService) -> None:
         live = ready_service()
         tokens = json_body().get("tokens")
         if not isinstance(tokens, list) or not all(
-            isinstance(t, int) and 0 <= t < live.limits.vocab_size for t in tokens
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < live.limits.vocab_size for t in tokens
         ):
             raise APIError(400, f"'tokens' must be a list of ids in [0, {live.limits.vocab_size})", "tokens")
         return jsonify({"prompt": live.tokenizer.decode(tokens)})
