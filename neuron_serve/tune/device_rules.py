@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 from neuron_serve.recipe.schema import Recipe
-from neuron_serve.tune.device_profile import DeviceProfile
+from neuron_serve.tune.device_profile import DeviceProfile, PhaseSummary
 from neuron_serve.tune.neuron_profile import BOUND_LOW
 from neuron_serve.tune.serving import Change
 
@@ -51,7 +51,7 @@ def tune_from_device(recipe: Recipe, device: DeviceProfile) -> tuple[Recipe, lis
     return recipe, changes, advice
 
 
-def _decode_attention(recipe: Recipe, decode, target: str) -> tuple[Recipe, Change]:
+def _decode_attention(recipe: Recipe, decode: PhaseSummary, target: str) -> tuple[Recipe, Change]:
     enabled = list(recipe.kernels.enabled)
     share = decode.shares.get("attention", 0.0)
     figure = f"attention takes {share:.0%} of decode time"
@@ -67,7 +67,7 @@ def _decode_attention(recipe: Recipe, decode, target: str) -> tuple[Recipe, Chan
     return fused, Change("kernels.enabled", enabled, after, f"{figure}: the fused NKI kernel takes it over")
 
 
-def _optlevel(recipe: Recipe, decode) -> tuple[Recipe, Change]:
+def _optlevel(recipe: Recipe, decode: PhaseSummary) -> tuple[Recipe, Change]:
     level = recipe.compiler.optlevel
     if decode.mbu is None or decode.mfu is None:
         return recipe, Change("compiler.optlevel", level, level, "decode MBU/MFU not measured")

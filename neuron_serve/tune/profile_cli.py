@@ -6,6 +6,9 @@ import argparse
 import re
 from pathlib import Path
 
+from neuron_serve.tune.device_profile import DeviceProfile, GraphProfile, from_neuron_summary
+from neuron_serve.tune.neuron_profile import load_summary
+
 # How a neuron graph is named (backends/neuron/calling_convention.graph_name): decode rows, prompt
 # tokens, prompt rows and KV length. A graph with one prompt token is a decode-only step.
 _NEURON_GRAPH = re.compile(r"^step_(\d+)x(\d+)x(\d+)x(\d+)$")
@@ -53,12 +56,9 @@ def run_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def neuron_device_profile(directory: Path, deployment: str):
+def neuron_device_profile(directory: Path, deployment: str) -> DeviceProfile:
     """The device profile of the summaries neuron-profile wrote for each graph (`<graph>.json`), each
     one execution: the phases weigh the graphs equally."""
-    from neuron_serve.tune.device_profile import DeviceProfile, from_neuron_summary
-    from neuron_serve.tune.neuron_profile import load_summary
-
     graphs = []
     for path in sorted(Path(directory).glob("*.json")):
         shape = _NEURON_GRAPH.match(path.stem)
@@ -79,7 +79,7 @@ def _limits(limits: dict) -> str:
     return f"{limits['name']}: {limits['bytes_per_s'] / 1e9:.1f} GB/s read, {limits['flops_per_s'] / 1e9:.0f} GFLOP/s"
 
 
-def _utilization(graph) -> str:
+def _utilization(graph: GraphProfile) -> str:
     if graph.mbu is None or graph.mfu is None:
         return "MBU/MFU not measured"
     return f"MBU {graph.mbu:.0%}, MFU {graph.mfu:.0%}"

@@ -168,7 +168,7 @@ def tune_slots(
         return _resized(recipe, 2 * slots), Change("shapes.batch_size", slots, 2 * slots, evidence)
     if busy_p99 <= slots // 2:
         fewer = max(1, int(busy_p99))
-        reason = f"{seen}: {slots - fewer} slots never held a request; their KV cache is freed"
+        reason = f"{seen}: 99 % of steps left {slots - fewer} slots empty; their KV cache is freed"
         return _resized(recipe, fewer), Change("shapes.batch_size", slots, fewer, reason)
     return recipe, Change("shapes.batch_size", slots, slots, f"slots kept: {seen}; {queued.figure}; {itl.figure}")
 
