@@ -79,23 +79,20 @@ def test_running_streams_get_a_token_every_step_while_a_long_prompt_goes_in(mode
 
 
 def test_under_a_flood_another_tenants_request_is_admitted_next(model, tiny_loaded):
-    """From the engine's step records: 12 requests of one tenant fill the 4 slots and the queue; a
-    request of another tenant that arrives behind them is admitted with at most one of them before it."""
+    """From the engine's step records: 12 requests of one tenant are queued, then one of another
+    tenant behind them; before the engine starts, so that no step races the arrivals. It is admitted
+    with at most one of the flood before it (first come, first served would make it the 13th)."""
     runner = eager_runner(model, 4, context_buckets=[8, 16], token_buckets=[64, 128])
-    engine = Engine(runner, Metrics("test", CollectorRegistry()), max_waiting=16).start()
+    engine = Engine(runner, Metrics("test", CollectorRegistry()), max_waiting=16)
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     flood = [Sequence(p, params, tiny_loaded.tokenizer, frozenset(), tenant="flood") for p in prompts() * 2]
     other = Sequence(prompts()[0], params, tiny_loaded.tokenizer, frozenset(), tenant="other")
+    for seq in [*flood, other]:
+        engine.submit(seq)
+    engine.start()
     try:
-        for seq in flood:
-            engine.submit(seq)
-        while len(engine.steps) < 2:
-            time.sleep(0.001)
-        engine.submit(other)
-        arrived = len(engine.steps)
         wait_finished([*flood, other])
     finally:
         engine.stop()
-    admitted_after = [rid for step in list(engine.steps)[arrived:] for rid, start, _ in step.chunks if start == 0]
-    assert other.request_id in admitted_after[:2], admitted_after
-    assert len(admitted_after) >= 5, "the flood was still queued when the other tenant arrived"
+    admitted = [rid for step in engine.steps for rid, start, _ in step.chunks if start == 0]
+    assert len(admitted) == 13 and other.request_id in admitted[:2], admitted

@@ -284,7 +284,7 @@ def test_a_request_cancelled_in_the_queue_is_counted_and_logged(tiny_server):
     while tiny_server.metric(cancelled, finished_reason="cancelled") == before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert tiny_server.metric(cancelled, finished_reason="cancelled") == before + 1
-    records = [json.loads(line) for line in tiny_server.logs().splitlines() if line.startswith('{"request_id"')]
+    records = [json.loads(line) for line in tiny_server.logs().splitlines() if line.startswith('{"time"')]
     assert any(r["status"] == 499 and r["completion_tokens"] == 0 for r in records)
 
 
