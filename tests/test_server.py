@@ -308,8 +308,9 @@ def test_sigterm_drains_in_flight_streams(tiny_artifacts):
 
 
 def test_after_sigterm_new_connections_are_refused_and_cut_streams_end_with_an_error(tmp_path):
-    """With no drain time left (graceful_timeout_s = 1, one second of margin), a running stream ends
-    at once with an error event, and the port refuses new connections."""
+    """With no drain time left (graceful_timeout_s = 1, one second of margin), the streams still
+    running or queued end at once with an error event, never cut without one, and the port refuses
+    new connections. Twelve streams of 120 tokens over 4 slots: some are surely unfinished."""
     import socket
 
     from conftest import tiny_recipe
@@ -319,15 +320,26 @@ def test_after_sigterm_new_connections_are_refused_and_cut_streams_end_with_an_e
     artifacts = compile_recipe(tiny_recipe(**{"serve.graceful_timeout_s": 1}), tmp_path / "tiny-cpu").out_dir
     server = ServerHandle(artifacts)
     body = {"model": "tiny-cpu", "prompt": "drain", "max_tokens": 120, "stream": True, "ignore_eos": True}
-    try:
+    started = threading.Event()
+
+    def stream(_) -> list[str]:
         with requests.post(f"{server.base_url}/v1/completions", json=body, stream=True, timeout=60) as response:
-            lines = response.iter_lines(decode_unicode=True)
-            first = next(line for line in lines if line)
+            events = response.iter_lines(decode_unicode=True)
+            lines = [next(line for line in events if line)]
+            started.set()
+            return lines + [line for line in events if line]
+
+    try:
+        with ThreadPoolExecutor(12) as pool:
+            streams = pool.map(stream, range(12))
+            assert started.wait(timeout=60)
             server.process.send_signal(signal.SIGTERM)
-            rest = [line for line in lines if line]
-        events = [json.loads(line[6:]) for line in [first, *rest] if line != "data: [DONE]"]
-        assert "shutting down" in events[-1]["error"]["message"], events[-3:]
-        assert sum(len(e["choices"][0]["text"]) > 0 for e in events if "choices" in e) < 120
+            results = list(streams)
+        # A stream ends with [DONE] after its last event: its usage, or the error that cut it.
+        assert all(lines[-1] == "data: [DONE]" for lines in results), [lines[-2:] for lines in results]
+        last_events = [json.loads(lines[-2][6:]) for lines in results]
+        cut = [e for e in last_events if "error" in e]
+        assert cut and all("shutting down" in e["error"]["message"] for e in cut), last_events
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
         assert server.process.wait(timeout=60) == 0
