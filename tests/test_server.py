@@ -310,7 +310,8 @@ def test_sigterm_drains_in_flight_streams(tiny_artifacts):
 def test_after_sigterm_new_connections_are_refused_and_cut_streams_end_with_an_error(tmp_path):
     """With no drain time left (graceful_timeout_s = 1, one second of margin), the streams still
     running or queued end at once with an error event, never cut without one, and the port refuses
-    new connections. Twelve streams of 120 tokens over 4 slots: some are surely unfinished."""
+    new connections. Twelve chat streams of 100 tokens over 4 slots, each holding its opening event
+    (sent before a slot is free) when the signal comes: some are surely unfinished."""
     import socket
 
     from conftest import tiny_recipe
@@ -319,23 +320,29 @@ def test_after_sigterm_new_connections_are_refused_and_cut_streams_end_with_an_e
 
     artifacts = compile_recipe(tiny_recipe(**{"serve.graceful_timeout_s": 1}), tmp_path / "tiny-cpu").out_dir
     server = ServerHandle(artifacts)
-    body = {"model": "tiny-cpu", "prompt": "drain", "max_tokens": 120, "stream": True, "ignore_eos": True}
-    started = threading.Event()
+    body = {
+        "model": "tiny-cpu",
+        "messages": [{"role": "user", "content": "drain"}],
+        "max_tokens": 100,  # the chat template's tokens and these fill most of the tiny model's 128
+        "stream": True,
+        "ignore_eos": True,
+    }
+    opened = threading.Barrier(13)
 
     def stream(_) -> list[str]:
-        with requests.post(f"{server.base_url}/v1/completions", json=body, stream=True, timeout=60) as response:
+        with requests.post(f"{server.base_url}/v1/chat/completions", json=body, stream=True, timeout=60) as response:
             events = response.iter_lines(decode_unicode=True)
             lines = [next(line for line in events if line)]
-            started.set()
+            opened.wait(timeout=60)
             return lines + [line for line in events if line]
 
     try:
         with ThreadPoolExecutor(12) as pool:
             streams = pool.map(stream, range(12))
-            assert started.wait(timeout=60)
+            opened.wait(timeout=60)  # every request is in the server
             server.process.send_signal(signal.SIGTERM)
             results = list(streams)
-        # A stream ends with [DONE] after its last event: its usage, or the error that cut it.
+        # A stream ends with [DONE] after its last event: its finish reason, or the error that cut it.
         assert all(lines[-1] == "data: [DONE]" for lines in results), [lines[-2:] for lines in results]
         last_events = [json.loads(lines[-2][6:]) for lines in results]
         cut = [e for e in last_events if "error" in e]
