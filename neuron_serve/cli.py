@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from neuron_serve import __version__
+from neuron_serve.artifact.cli import add_artifacts_parser
 from neuron_serve.bench.cli import add_bench_parser
 from neuron_serve.bench.usage import add_usage_parser
 from neuron_serve.recipe.cli import add_recipe_parser
@@ -72,21 +73,36 @@ def _add_compile(subparsers) -> None:
     p = subparsers.add_parser("compile", help="compile a recipe into an artifact directory (cached)")
     p.add_argument("recipe", help="a recipe TOML, e.g. compile/smollm2-135m-cpu.toml")
     p.add_argument("--out", help="artifact directory (default: artifacts/<recipe name>)")
+    p.add_argument("--upload", metavar="S3_PREFIX", help="then upload the artifact to S3_PREFIX/<artifact name>")
+    p.add_argument(
+        "--cache",
+        metavar="S3_PREFIX",
+        help="a compile cache shared by several hosts, behind the local one (default: "
+        "$NEURON_SERVE_SHARED_CACHE, or $NEURON_SERVE_CACHE when it is an s3:// URL)",
+    )
     p.set_defaults(func=_run_compile)
 
 
 def _run_compile(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from neuron_serve.artifact.remote import push_artifact
     from neuron_serve.compiler.compile import compile_recipe, quality_table, summary_table
     from neuron_serve.recipe.files import load_recipe
+    from neuron_serve.weights.s3 import S3Url
 
     console = Console(stderr=True)
-    result = compile_recipe(load_recipe(args.recipe), args.out, console)
+    if args.cache:
+        S3Url.parse(args.cache)
+        os.environ["NEURON_SERVE_SHARED_CACHE"] = args.cache  # read where the compile cache opens
+    recipe = load_recipe(args.recipe)
+    if args.upload:
+        S3Url.parse(args.upload)  # a typo fails now, not after minutes of compiling
+    result = compile_recipe(recipe, args.out, console)
     console.print(summary_table(result))
     if result.manifest.quality:
         console.print(quality_table(result.manifest.quality))
-    print(result.out_dir)
+    print(push_artifact(result.out_dir, args.upload) if args.upload else result.out_dir)
     return 0
 
 
@@ -143,9 +159,15 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 def _add_serve(subparsers) -> None:
     p = subparsers.add_parser(
-        "serve", help="serve an artifact directory, or a recipe (compiled first), over HTTP with gunicorn"
+        "serve",
+        help="serve artifacts, recipes (compiled first) or S3 artifacts over HTTP with gunicorn; several at once",
     )
-    p.add_argument("target", nargs="?", help="artifact directory or recipe TOML (none: SageMaker's /opt/ml/model)")
+    p.add_argument(
+        "targets",
+        nargs="*",
+        help="artifact directories, recipe TOMLs or s3://BUCKET/PREFIX/NAME artifacts, each served under its "
+        "recipe's name (none: $NEURON_SERVE_MODEL, else SageMaker's OPTION_MODEL_ID or /opt/ml/model)",
+    )
     p.add_argument("--host", help="default: the recipe's [serve] host (127.0.0.1 unless it says otherwise)")
     p.add_argument(
         "--api-key",
@@ -161,9 +183,10 @@ def _add_serve(subparsers) -> None:
     )
     p.add_argument("--usage-log", type=Path, help="append each request's usage record (JSON lines, no text) here")
     p.add_argument("--port", type=int, help="default: the recipe's [serve] port (8080)")
-    p.add_argument("--workers", type=int, help="model replicas (gunicorn workers)")
+    p.add_argument("--workers", type=int, help="gunicorn workers, each with one replica of every model")
+    p.add_argument("--timeout", type=int, help="seconds a silent worker lives before it is restarted (default 120)")
     p.add_argument("--max-waiting", type=int, help="bound of the waiting queue; beyond it requests get 429")
-    p.add_argument("--model-name", help="the model id clients use (default: the recipe name)")
+    p.add_argument("--model-name", help="the model id clients use (default: the recipe name; one model only)")
     p.add_argument("--log-prompts", action="store_true", help="include prompt text in the request log")
     p.add_argument(
         "--profile-dir",
@@ -194,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(subparsers)
     _add_serve(subparsers)
     add_recipe_parser(subparsers)
+    add_artifacts_parser(subparsers)
     add_profile_parser(subparsers)
     add_tune_parser(subparsers)
     add_bench_parser(subparsers)
@@ -206,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:  # OSError: files and S3 (weights/s3.S3Error), one line each
         print(f"neuron-serve: error: {error}", file=sys.stderr)
         return 2
 

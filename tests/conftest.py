@@ -95,3 +95,26 @@ def wait_finished(sequences, reason: str = "length", timeout: float = 60) -> Non
         while not isinstance(event := seq.events.get(timeout=timeout), Finished):
             pass
         assert event.reason == reason, event
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    from s3_server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("moto") / "moto.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch) -> str:
+    """A new bucket on the session's S3 server, with boto3 (here and in child processes) pointed at it."""
+    import uuid
+
+    import boto3
+
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return bucket

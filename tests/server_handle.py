@@ -3,6 +3,7 @@ benchmarks that need one."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -17,9 +18,18 @@ from neuron_serve.artifact.manifest import read_manifest
 
 class ServerHandle:
     """Serves `artifacts` on a free port; its log and its traffic profiles (`profile_dir`) go next to
-    the artifacts. `model` is the name it serves under (the recipe's)."""
+    the artifacts. `model` is the name it serves under (the recipe's). `targets` replaces what is
+    served (S3 URLs, several models, or none for SageMaker's way); `env` is added to the environment."""
 
-    def __init__(self, artifacts: Path, *extra: str, ready_timeout: float = 120):
+    def __init__(
+        self,
+        artifacts: Path,
+        *extra: str,
+        ready_timeout: float = 120,
+        targets: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        port_option: bool = True,
+    ):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -32,17 +42,19 @@ class ServerHandle:
             "-m",
             "neuron_serve.cli",
             "serve",
-            str(artifacts),
+            *(targets if targets is not None else [str(artifacts)]),
             "--host",
             "127.0.0.1",
-            "--port",
-            str(self.port),
+            *(["--port", str(self.port)] if port_option else []),
             "--profile-dir",
             str(self.profile_dir),
             *extra,
         ]
+        environment = {**os.environ, **(env or {})}
+        if not port_option:
+            environment["SAGEMAKER_BIND_TO_PORT"] = str(self.port)
         self.log = open(artifacts.parent / f"server-{self.port}.log", "w")  # noqa: SIM115
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=environment)
         self.wait_ready(ready_timeout)
 
     def wait_ready(self, timeout: float) -> None:

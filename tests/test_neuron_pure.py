@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from neuron_serve.backends.neuron.cores import core_range_for_worker, visible_core_ranges
 from neuron_serve.backends.neuron.flags import neuronx_cc_flags
 from neuron_serve.backends.neuron.monitor import parse_report
 from neuron_serve.recipe.files import load_recipe
@@ -55,27 +54,6 @@ def test_flags_follow_the_compiler_section_and_extra_flags_come_last():
 def test_flags_refuse_cpu_recipes():
     with pytest.raises(ValueError, match="targets 'cpu'"):
         neuronx_cc_flags(load_recipe(ROOT / "compile" / "tiny-cpu.toml"))
-
-
-def test_core_ranges_split_the_instance_into_replicas():
-    assert visible_core_ranges("inf2.48xlarge", 8) == ["0-7", "8-15", "16-23"]
-    assert visible_core_ranges("inf2.48xlarge", 24) == ["0-23"]
-    assert visible_core_ranges("inf2.xlarge", 1) == ["0", "1"]
-    assert visible_core_ranges("trn1.32xlarge", 8, replicas=2) == ["0-7", "8-15"]
-    assert visible_core_ranges("inf2.24xlarge", 8) == ["0-7"]  # 12 cores: one TP-8 replica, 4 idle
-
-
-def test_too_many_replicas_name_the_numbers():
-    with pytest.raises(ValueError, match=r"4 replicas x tp_degree 8 = 32 NeuronCores, but inf2.48xlarge has 24"):
-        visible_core_ranges("inf2.48xlarge", 8, replicas=4)
-    with pytest.raises(ValueError, match="unknown instance type"):
-        visible_core_ranges("inf9.large", 1)
-
-
-def test_core_range_for_worker():
-    assert core_range_for_worker(1, "inf2.48xlarge", 8) == "8-15"
-    with pytest.raises(ValueError, match=r"worker 3 has no NeuronCores: .* holds 3 replicas \(workers 0..2\)"):
-        core_range_for_worker(3, "inf2.48xlarge", 8)
 
 
 def test_monitor_sample_per_core_utilization():

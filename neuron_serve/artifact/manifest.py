@@ -1,12 +1,12 @@
 """The artifact directory: manifest.json, weight shards, compiled graphs and the tokenizer.
 
 Every file is listed in the manifest with its size and SHA-256; loading checks them first, so a
-corrupt or truncated file is an error that names it, never garbage output.
+corrupt or truncated file is an error that names it, never garbage output (a file unchanged since
+this machine last read it is checked against its recorded digest, `checksums.py`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 from dataclasses import asdict, dataclass, field
@@ -16,7 +16,10 @@ from typing import Any
 import torch
 
 import neuron_serve
+from neuron_serve.artifact.checksums import recorded_sha256, sha256_file
 from neuron_serve.model.config import ModelConfig
+from neuron_serve.model.kv_cache import KVCache
+from neuron_serve.model.parallel import TensorParallel
 from neuron_serve.recipe.files import recipe_structure
 from neuron_serve.recipe.schema import Recipe, RecipeError
 
@@ -77,14 +80,6 @@ def toolchain_versions() -> dict[str, str]:
     }
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_manifest(directory: Path, manifest: ArtifactManifest, known_sha256: dict[str, str] | None = None) -> None:
     """Checksum every file below `directory` (but the manifest) into the manifest and write it.
     `known_sha256` gives the digests of files already verified (by relative path), not read again."""
@@ -108,7 +103,8 @@ def read_manifest(directory: Path) -> ArtifactManifest:
 
 
 def verify_files(directory: Path, manifest: ArtifactManifest, names: list[str] | None = None) -> None:
-    """Check size and SHA-256 of the listed files (all when `names` is None)."""
+    """Check size and SHA-256 of the listed files (all when `names` is None). A file unchanged since
+    this machine last read it is not read again (`checksums.recorded_sha256`)."""
     for name in names if names is not None else list(manifest.files):
         expected = manifest.files.get(name)
         path = Path(directory) / name
@@ -119,5 +115,14 @@ def verify_files(directory: Path, manifest: ArtifactManifest, names: list[str] |
         size = path.stat().st_size
         if size != expected["size"]:
             raise CorruptArtifactError(f"{path}: truncated or altered ({size} bytes, expected {expected['size']})")
-        if sha256_file(path) != expected["sha256"]:
+        if recorded_sha256(path) != expected["sha256"]:
             raise CorruptArtifactError(f"{path}: checksum mismatch (the file is corrupt)")
+
+
+def kv_cache_bytes(manifest: ArtifactManifest) -> int:
+    """The KV cache of every rank together: batch_size x max_seq_len positions of every layer's KV heads."""
+    recipe, config = manifest.recipe, manifest.model_config
+    tp = recipe.target.tp_degree
+    heads = TensorParallel(tp, 0).local_kv_heads(config.num_key_value_heads) * tp
+    shapes = recipe.shapes
+    return KVCache.nbytes(config, shapes.batch_size, shapes.max_seq_len, heads, recipe.model.torch_dtype)

@@ -93,6 +93,14 @@ class CompileJob:
     known_sha256: dict[str, str]  # digests of files linked into `staging`, filled in as graphs land
 
 
+@dataclass(frozen=True)
+class Cores:
+    """A replica's cores: `count` of them from index `first` of those `Backend.cores` counts."""
+
+    first: int
+    count: int
+
+
 class Backend(ABC):
     kind: str
 
@@ -108,9 +116,16 @@ class Backend(ABC):
     def open_runner(self, directory: Path, manifest: ArtifactManifest, times: LoadTimes) -> Runner:
         """Load a verified artifact into a runner on this process's share of the machine."""
 
+    core_name: str  # what `cores` counts, for messages
+
     @abstractmethod
-    def place_replica(self, replica_index: int, replicas: int, recipe: Recipe) -> dict[str, str]:
-        """Give this process (one replica) its cores; returns the environment it set, for the log."""
+    def replica_cores(self, recipe: Recipe, share: int) -> int:
+        """The cores one replica takes, where an equal split of the host would give each `share`."""
+
+    @abstractmethod
+    def enter_replica(self, first: int, count: int) -> dict[str, str]:
+        """Confine this process (a replica's forward process, before it loads) to cores first ..
+        first + count - 1 of those `cores` counts; returns the environment it set, for the log."""
 
     @abstractmethod
     def warm_up(self, runner: Runner) -> None:

@@ -18,7 +18,6 @@ from typing import Any
 
 from neuron_serve.bench.cost import CostModel
 from neuron_serve.bench.metrics import MetricsConfig, calculate_metrics, percentile_word, tpot
-from neuron_serve.bench.plots import write_plots
 from neuron_serve.bench.runner import LevelRun
 
 RESULTS_JSON = "results.json"
@@ -67,6 +66,10 @@ def write_run(run: RunResult, out_dir: str | Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULTS_JSON).write_text(json.dumps({**run.config, "levels": run.levels}, indent=2) + "\n")
     write_requests_csv(run.runs, out / REQUESTS_CSV)
+    # Imported here: matplotlib takes about a second to import, and every `neuron-serve` command
+    # (`serve`, and each server replica's forward process) imports this module through the CLI.
+    from neuron_serve.bench.plots import write_plots
+
     plots = write_plots(run.levels, out, run.config.get("goodput") or {})
     (out / REPORT_MD).write_text(markdown_report(run.config, run.levels, [p.name for p in plots]))
     return [out / RESULTS_JSON, out / REQUESTS_CSV, out / REPORT_MD, *plots]

@@ -18,20 +18,18 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.torch import save_file
 
-from neuron_serve.artifact.compile_cache import CompileCache, cache_key, link_or_copy
-from neuron_serve.artifact.manifest import ArtifactManifest, toolchain_versions, write_manifest
+from neuron_serve.artifact.compile_cache import CompileCache, cache_key, link_or_copy, open_compile_cache
+from neuron_serve.artifact.manifest import ArtifactManifest, kv_cache_bytes, toolchain_versions, write_manifest
 from neuron_serve.backends.base import CompileJob
 from neuron_serve.backends.registry import backend_for
 from neuron_serve.compiler.quality import evaluate
 from neuron_serve.model.config import ModelConfig
-from neuron_serve.model.kv_cache import KVCache
-from neuron_serve.model.parallel import TensorParallel
 from neuron_serve.model.quantization import QuantSpec, quantize_state_dict
 from neuron_serve.model.state import stored_shard
+from neuron_serve.progress import Phase
 from neuron_serve.recipe.schema import AUTO_DTYPE, Recipe
 from neuron_serve.recipe.validation import validate_recipe
 from neuron_serve.weights.loader import load_model_files
-from neuron_serve.weights.local_cache import cache_dir
 from neuron_serve.weights.sources import resolve_source
 
 WEIGHTS_FORMAT = 1  # bump when the shard layout changes
@@ -62,7 +60,7 @@ def compile_recipe(recipe: Recipe, out_dir: Path | None = None, console: Console
     console = console or Console(stderr=True)
     recipe = resolve_precision(recipe, console)
     out_dir = Path(out_dir or default_out_dir(recipe))
-    cache = CompileCache(cache_dir())
+    cache = open_compile_cache()
     source_path = resolve_source(recipe.model.source)
     digest = cache.source_digest(source_path)
     weights_entry = _weights_entry(cache, recipe, digest, console)
@@ -77,7 +75,7 @@ def compile_recipe(recipe: Recipe, out_dir: Path | None = None, console: Console
         link_or_copy(weights_entry / name, staging / name)
     weight_files = sorted(name for name in known_sha256 if name.startswith("weights/"))
     job = CompileJob(recipe, config, weights_entry, staging, cache, console, known_sha256)
-    graphs = backend_for(recipe.target.kind).compile_graphs(job)
+    graphs = backend_for(recipe.target.kind).compile_graphs(job)  # it reports its own progress
     manifest = ArtifactManifest(
         recipe=recipe,
         model_config=config,
@@ -108,24 +106,26 @@ def _weights_entry(cache: CompileCache, recipe: Recipe, digest: str, console: Co
     entry = cache.lookup("weights", key)
     if entry is not None:
         return entry
-    console.print(f"loading weights from {recipe.model.source} and sharding for TP={tp}")
-    loaded = load_model_files(recipe.model.source, recipe.model.torch_dtype)
+    title = f"compile {recipe.name}: "
+    with Phase(f"{title}loading the weights from {recipe.model.source}", console=console):
+        loaded = load_model_files(recipe.model.source, recipe.model.torch_dtype)
     quantization = QuantSpec.of(recipe.quantization)
     kept = loaded.kept_quantization(quantization)
-    if quantization.enabled:
-        console.print(f"quantizing to {quantization.method}, skipping {', '.join(quantization.skip)}")
     if kept:
         console.print(f"{len(kept)} layers keep the source's own int4 codes")
-    state = quantize_state_dict(loaded.state_dict, quantization, kept)
+    work = f"sharding for TP={tp}"
+    if quantization.enabled:
+        work = f"quantizing to {quantization.method} (skipping {', '.join(quantization.skip)}), {work}"
     staging = cache.staging_dir("weights")
     (staging / "weights").mkdir()
-    for rank in range(tp):
-        shard = stored_shard(loaded.config, state, tp, rank)
-        save_file(shard, staging / "weights" / f"rank{rank}.safetensors")
+    with Phase(title + work, console=console):
+        state = quantize_state_dict(loaded.state_dict, quantization, kept)
+        for rank in range(tp):
+            save_file(stored_shard(loaded.config, state, tp, rank), staging / "weights" / f"rank{rank}.safetensors")
     loaded.tokenizer.save_pretrained(staging / "tokenizer")
     info = {"model_config": loaded.config.to_dict()}
     if quantization.enabled:
-        with console.status(f"measuring {quantization.method}'s quality against the unquantized model"):
+        with Phase(f"{title}measuring {quantization.method}'s quality against the unquantized model", console=console):
             info["quality"] = [row.to_dict() for row in evaluate(loaded, [quantization])]
     return cache.store("weights", key, staging, info)
 
@@ -151,12 +151,3 @@ def quality_table(rows: list[dict]) -> Table:
         increase = f"{row['perplexity_increase']:+.2%}"
         table.add_row(row["method"], f"{row['perplexity']:.3f}", increase, f"{row['greedy_agreement']:.1%}")
     return table
-
-
-def kv_cache_bytes(manifest: ArtifactManifest) -> int:
-    """The KV cache of every rank together: batch_size x max_seq_len positions of every layer's KV heads."""
-    recipe, config = manifest.recipe, manifest.model_config
-    tp = recipe.target.tp_degree
-    heads = TensorParallel(tp, 0).local_kv_heads(config.num_key_value_heads) * tp
-    shapes = recipe.shapes
-    return KVCache.nbytes(config, shapes.batch_size, shapes.max_seq_len, heads, recipe.model.torch_dtype)

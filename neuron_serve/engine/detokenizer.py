@@ -7,7 +7,10 @@ each step cheap; the concatenated pieces equal the full decode at the end.
 
 from __future__ import annotations
 
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # a type only: transformers takes a second to import, and the server's master needs none
+    from transformers import PreTrainedTokenizerBase
 
 
 class IncrementalDetokenizer:

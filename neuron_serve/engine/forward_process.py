@@ -10,17 +10,21 @@ child writes the logits into shared memory. The child owns the weights and the K
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
 
+from neuron_serve.artifact.checksums import recorded_sha256
 from neuron_serve.artifact.graphs import GraphSet, GraphUse
-from neuron_serve.backends.base import Forward, LoadTimes, Runner
+from neuron_serve.artifact.manifest import read_manifest
+from neuron_serve.backends.base import Cores, Forward, LoadTimes, Runner
 from neuron_serve.backends.registry import backend_for, open_runner
 from neuron_serve.backends.rpc import serve_calls, transferable
 from neuron_serve.model.step import StepBatch
@@ -36,19 +40,25 @@ class ForwardProcess:
 
     graphs: GraphSet
 
-    def __init__(self, directory: Path, on_exit: Callable[[str], None] = lambda message: None):
-        """Starts loading in the child; `wait_ready` waits for it. `on_exit(message)` is called
-        once if the child is found gone while serving."""
+    def __init__(
+        self, directory: Path, on_exit: Callable[[str], None] = lambda message: None, cores: Cores | None = None
+    ):
+        """Starts loading in the child, on `cores` when given (else on this process's); `wait_ready`
+        waits for it. `on_exit(message)` is called once if the child is found gone while serving."""
         self._on_exit = on_exit
+        files = read_manifest(Path(directory)).files  # an unreadable manifest fails here, before any child
         self._started = time.monotonic()
         context = mp.get_context("spawn")  # fork is unsafe in a process that already runs threads
         self._connection, child_end = context.Pipe()
         # Not a daemon: a tensor-parallel runner in the child starts rank processes of its own.
         self._process = context.Process(
-            target=_serve, args=(str(directory), child_end), name="neuron-serve-forward", daemon=False
+            target=_serve, args=(str(directory), child_end, cores), name="neuron-serve-forward", daemon=False
         )
         self._process.start()
         child_end.close()
+        # The child imports for seconds before it checks the artifact's files: read them here
+        # meanwhile, so that its check finds their digests recorded (`artifact.checksums`).
+        threading.Thread(target=_record_checksums, args=(Path(directory), files), daemon=True).start()
         # Before multiprocessing's own exit handler, which would wait for the child to end by itself.
         atexit.register(self.close)
         self.failure: str | None = None
@@ -114,13 +124,21 @@ class _SharedLogits:
         return rows, forward.uses
 
 
-def _serve(directory: str, connection) -> None:
+def _record_checksums(directory: Path, names: Iterable[str]) -> None:
+    for name in names:
+        with contextlib.suppress(OSError):  # a missing file is for the child's check to report
+            recorded_sha256(directory / name)
+
+
+def _serve(directory: str, connection, cores: Cores | None) -> None:
     """The child: load, warm up, then answer calls until the pipe says stop or closes."""
     entered = time.monotonic()
     # Ctrl-C and the server's SIGTERM are for the worker, which drains its streams first; this
     # process ends when the worker closes the pipe (or dies).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if cores is not None:
+        backend_for(read_manifest(Path(directory)).recipe.target.kind).enter_replica(cores.first, cores.count)
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     try:
         runner, ready = _load(Path(directory))

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
-from transformers import PreTrainedTokenizerBase
 
 from neuron_serve.backends.base import Runner
 from neuron_serve.engine.engine import Engine
 from neuron_serve.engine.metrics import Metrics
 from neuron_serve.engine.sampler import SamplingParams
 from neuron_serve.engine.sequence import Finished, Sequence
+
+if TYPE_CHECKING:  # a type only: transformers takes a second to import, and the server's master needs none
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
@@ -23,13 +24,25 @@ P = "neuron_serve:"
 PROFILED = {TTFT: LATENCY_BUCKETS, ITL: LATENCY_BUCKETS, QUEUE_TIME: LATENCY_BUCKETS, STEP_TOKENS: TOKEN_BUCKETS}
 
 
+_families: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _family(kind, name: str, doc: str, **kwargs):
+    """One family per name and registry, shared by every model's `Metrics`, each of which takes its own
+    `model_name` labels: prometheus-client refuses to register a name twice."""
+    registered = _families.setdefault(kwargs.get("registry") or REGISTRY, {})
+    if name not in registered:
+        registered[name] = kind(name, doc, **kwargs)
+    return registered[name]
+
+
 class Metrics:
     def __init__(self, model_name: str, registry: CollectorRegistry | None = None):
         self.model_name = model_name
         kw = {"labelnames": ["model_name"], "registry": registry} if registry else {"labelnames": ["model_name"]}
 
         def hist(name, doc, buckets=LATENCY_BUCKETS):
-            return Histogram(P + name, doc, buckets=buckets, **kw).labels(model_name)
+            return _family(Histogram, P + name, doc, buckets=buckets, **kw).labels(model_name)
 
         self.ttft = hist(TTFT, "Time from request arrival to its first token")
         self.itl = hist(ITL, "Time between two tokens of one request")
@@ -40,37 +53,52 @@ class Metrics:
         self.occupancy = hist("batch_occupancy", "Busy slots / slots, per decode step", OCCUPANCY_BUCKETS)
         self.step_time = hist("engine_step_seconds", "Time of one engine step (one graph call)")
         self.step_tokens = hist(STEP_TOKENS, "Tokens per engine step, decode and prompt", TOKEN_BUCKETS)
-        self.step_seconds = Counter(
+        self.step_seconds = _family(
+            Counter,
             P + "engine_step_seconds_by_part",
             "Engine step time split between decode and prompt tokens, in proportion to their count",
             **{**kw, "labelnames": ["model_name", "part"]},
         )
-        self.running = Gauge(P + "num_requests_running", "Requests in slots", multiprocess_mode="livesum", **kw)
-        self.waiting = Gauge(P + "num_requests_waiting", "Requests queued", multiprocess_mode="livesum", **kw)
-        self.prompt_tokens = Counter(P + "prompt_tokens", "Prefilled prompt tokens", **kw).labels(model_name)
-        self.generation_tokens = Counter(P + "generation_tokens", "Generated tokens", **kw).labels(model_name)
+        self.running = _family(
+            Gauge, P + "num_requests_running", "Requests in slots", multiprocess_mode="livesum", **kw
+        )
+        self.waiting = _family(Gauge, P + "num_requests_waiting", "Requests queued", multiprocess_mode="livesum", **kw)
+        self.prompt_tokens = _family(Counter, P + "prompt_tokens", "Prefilled prompt tokens", **kw).labels(model_name)
+        self.generation_tokens = _family(Counter, P + "generation_tokens", "Generated tokens", **kw).labels(model_name)
         labels = {**kw, "labelnames": ["model_name", "finished_reason"]}
-        self.finished = Counter(P + "request_success", "Finished requests by reason", **labels)
+        self.finished = _family(Counter, P + "request_success", "Finished requests by reason", **labels)
         # Metering: by tenant name (server/tenants.py), never by key.
         tenant_kw = {**kw, "labelnames": ["model_name", "tenant", "status"]}
-        self.tenant_requests = Counter(P + "tenant_requests", "Requests of a tenant, by HTTP status", **tenant_kw)
+        self.tenant_requests = _family(
+            Counter, P + "tenant_requests", "Requests of a tenant, by HTTP status", **tenant_kw
+        )
         tenant_kw = {**kw, "labelnames": ["model_name", "tenant"]}
-        self.tenant_prompt_tokens = Counter(P + "tenant_prompt_tokens", "Prompt tokens, by tenant", **tenant_kw)
-        self.tenant_completion_tokens = Counter(
-            P + "tenant_completion_tokens", "Completion tokens, by tenant", **tenant_kw
+        self.tenant_prompt_tokens = _family(
+            Counter, P + "tenant_prompt_tokens", "Prompt tokens, by tenant", **tenant_kw
+        )
+        self.tenant_completion_tokens = _family(
+            Counter, P + "tenant_completion_tokens", "Completion tokens, by tenant", **tenant_kw
         )
         bucket_kw = {**kw, "labelnames": ["model_name", "bucket"]}
-        self.bucket_real = Counter(P + "bucket_real_tokens", "Real tokens run through a bucket's graph", **bucket_kw)
-        self.bucket_padded = Counter(P + "bucket_padded_tokens", "Token slots the bucket's graph ran", **bucket_kw)
-        self.padding_ratio = Gauge(
+        self.bucket_real = _family(
+            Counter, P + "bucket_real_tokens", "Real tokens run through a bucket's graph", **bucket_kw
+        )
+        self.bucket_padded = _family(
+            Counter, P + "bucket_padded_tokens", "Token slots the bucket's graph ran", **bucket_kw
+        )
+        self.padding_ratio = _family(
+            Gauge,
             P + "padding_ratio",
             "Share of a bucket's token slots that were padding",
             multiprocess_mode="max",
             **bucket_kw,
         )
         phase_kw = {**kw, "labelnames": ["model_name", "phase"]}
-        self.cold_start = Gauge(P + "cold_start_seconds", "Start-up time by phase", multiprocess_mode="max", **phase_kw)
-        self.accelerator_occupancy = Gauge(
+        self.cold_start = _family(
+            Gauge, P + "cold_start_seconds", "Start-up time by phase", multiprocess_mode="max", **phase_kw
+        )
+        self.accelerator_occupancy = _family(
+            Gauge,
             P + "accelerator_occupancy",
             "Share of wall time in forward passes (cpu) or neuroncore_utilization/100 (neuron)",
             multiprocess_mode="max",
@@ -142,24 +170,26 @@ def render() -> tuple[bytes, str]:
     return generate_latest(_registry()), CONTENT_TYPE_LATEST
 
 
-def traffic_profile(deployment: str) -> TrafficProfile:
-    """The traffic histograms as they stand, over every model name and replica: counts only."""
-    families = {family.name: family for family in _registry().collect()}
-    profile = TrafficProfile(deployment)
+def traffic_profile(model_name: str) -> TrafficProfile:
+    """The model's traffic histograms as they stand, over every replica: counts only."""
+    families = {family.name: _of_model(family, model_name) for family in _registry().collect()}
+    profile = TrafficProfile(model_name)
     binned = {name: bins for name, (_, bins) in HISTOGRAMS.items()} | PROFILED
     for name, bins in binned.items():
-        family = families.get(P + name)
-        profile.histograms[name] = _binned(family.samples if family else [], bins)
+        profile.histograms[name] = _binned(families.get(P + name, []), bins)
     profile.graphs = _graph_padding(families)
     return profile
 
 
-def _graph_padding(families: dict) -> dict[str, tuple[int, int]]:
+def _of_model(family, model_name: str) -> list:
+    return [sample for sample in family.samples if sample.labels.get("model_name") == model_name]
+
+
+def _graph_padding(families: dict[str, list]) -> dict[str, tuple[int, int]]:
     """Each graph's (real, padded) token slots, summed over replicas."""
     totals: dict[str, list[int]] = {}
     for index, kind in enumerate(("real", "padded")):
-        family = families.get(P + f"bucket_{kind}_tokens")
-        for sample in family.samples if family else []:
+        for sample in families.get(P + f"bucket_{kind}_tokens", []):
             if sample.name.endswith("_total"):
                 totals.setdefault(sample.labels["bucket"], [0, 0])[index] += round(sample.value)
     return {graph: (real, padded) for graph, (real, padded) in totals.items()}

@@ -7,13 +7,16 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from neuron_serve.engine.detokenizer import IncrementalDetokenizer
 from neuron_serve.engine.sampler import SamplingParams, new_generator
 from neuron_serve.engine.stop_strings import StopStringFilter
+
+if TYPE_CHECKING:  # a type only: transformers takes a second to import, and the server's master needs none
+    from transformers import PreTrainedTokenizerBase
 
 _ids = itertools.count()
 

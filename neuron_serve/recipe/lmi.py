@@ -306,11 +306,22 @@ def convert_lmi(
     """The recipe equivalent to a serving.properties, and a note for every option not carried over and
     every default applied. `model_config`: the model's config.json, where option.model_id has none."""
     props = parse_properties(Path(path).read_text())
+    return convert_properties(props, Path(path).resolve().parent, instance, name, model_config)
+
+
+def convert_properties(
+    props: dict[str, str],
+    model_dir: Path,
+    instance: str = DEFAULT_INSTANCE,
+    name: str | None = None,
+    model_config: Path | None = None,
+) -> tuple[Recipe, list[str]]:
+    """`convert_lmi` for properties already read; `model_dir` is where serving.properties lies."""
     opts = {k.removeprefix("option."): v for k, v in props.items() if k.startswith("option.")}
     notes: list[str] = []
     if not opts.get("model_id"):
         # LMI then loads the model files stored next to serving.properties (its model_dir).
-        opts["model_id"] = str(Path(path).resolve().parent)
+        opts["model_id"] = str(model_dir)
         notes.append(f"option.model_id not set: model.source is the model directory {opts['model_id']}")
     inst = get_instance(instance)
     notes.insert(0, f"target: kind neuron on {inst.name} (from --instance; serving.properties does not name one)")

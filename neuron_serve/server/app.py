@@ -1,4 +1,4 @@
-"""The Flask app: OpenAI-compatible and SageMaker routes over one `ModelService`."""
+"""The Flask app: OpenAI-compatible and SageMaker routes over the served models (`ServedModels`)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from werkzeug.exceptions import HTTPException
 
 from neuron_serve.engine.metrics import render, traffic_profile
 from neuron_serve.server.auth import identify
+from neuron_serve.server.models import ServedModels
 from neuron_serve.server.openapi import openapi_document
 from neuron_serve.server.protocol import APIError
 from neuron_serve.server.routes import register_routes
@@ -20,12 +21,14 @@ LOOPBACK = ("127.0.0.1", "::1")
 GENERATION_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/invocations"})
 
 
-def create_app(service: ModelService) -> Flask:
+def create_app(services: list[ModelService]) -> Flask:
     app = Flask("neuron_serve")
+    models = ServedModels(services)
+    service = models.default  # server-wide settings (keys, tenants, limits) are every model's
     # Werkzeug cuts a chunked body (which declares no length) off at this length without an error: one
     # byte more than the limit tells `json_body` that it was over.
     app.config["MAX_CONTENT_LENGTH"] = service.settings.max_body_bytes + 1
-    app.extensions["service"] = service
+    app.extensions["models"] = models
 
     @app.before_request
     def authenticate():
@@ -33,8 +36,8 @@ def create_app(service: ModelService) -> Flask:
         g.tenant = identify(settings.api_key_sha256, settings.tenants)
         if g.tenant is None:
             return
-        if not g.tenant.may_use(settings.model_name) and request.path != "/v1/models":
-            message = f"tenant {g.tenant.name!r} may not use the model {settings.model_name!r}"
+        if not any(g.tenant.may_use(name) for name in models.names) and request.path != "/v1/models":
+            message = f"tenant {g.tenant.name!r} may not use the models served here ({models.served_list()})"
             raise APIError(403, message, "model", "permission_error")
         if request.method == "POST" and request.path in GENERATION_ROUTES:
             open_stream(g.tenant)
@@ -53,7 +56,7 @@ def create_app(service: ModelService) -> Flask:
         """Rate-limit headers, the tenant's request count by status, and its stream closed with the response."""
         response.headers.update(g.get("quota_headers", {}))
         if g.get("tenant") is not None:
-            model = service.settings.model_name
+            model = g.get("model", service).settings.model_name
             service.metrics.tenant_requests.labels(model, g.tenant.name, str(response.status_code)).inc()
         if "stream" in g:  # a streamed response closes when its last event is sent
             response.call_on_close(functools.partial(g.stream.close, service.quotas))
@@ -82,18 +85,21 @@ def create_app(service: ModelService) -> Flask:
 
     @app.get("/ping")
     def ping():
-        return ("", 200) if service.state == "ready" else ("", 503)
+        return ("", 200) if models.state == "ready" else ("", 503)
 
     @app.get("/health")
     def health():
-        body = {"status": service.state, "model": service.settings.model_name}
+        """Every model's state; 200 once all are ready. `model` and `error` name the first one (the
+        only one, on a server of one model)."""
+        each = {s.settings.model_name: {"status": s.state, **({"error": s.error} if s.error else {})} for s in services}
+        body = {"status": models.state, "model": service.settings.model_name, "models": each}
         if service.error:
             body["error"] = service.error
-        return jsonify(body), 200 if service.state == "ready" else 503
+        return jsonify(body), 200 if models.state == "ready" else 503
 
     @app.get("/openapi.json")
     def openapi():
-        return jsonify(openapi_document(service.settings.model_name))
+        return jsonify(openapi_document(models.names))
 
     @app.get("/metrics")
     def metrics():
@@ -106,10 +112,13 @@ def create_app(service: ModelService) -> Flask:
         other routes serve tenants, this one writes files."""
         if request.remote_addr not in LOOPBACK:
             raise APIError(403, "/admin/traffic answers requests from this host only", None, "permission_error")
-        profile = traffic_profile(service.settings.model_name)
-        path = profile.write(service.settings.profile_dir)
-        requests_seen = profile.histograms["request_prompt_tokens"].observations
-        return jsonify({"path": str(path), "requests": requests_seen})
+        written = []
+        for name in models.names:
+            profile = traffic_profile(name)
+            path = profile.write(service.settings.profile_dir)
+            requests_seen = profile.histograms["request_prompt_tokens"].observations
+            written.append({"model": name, "path": str(path), "requests": requests_seen})
+        return jsonify(written[0] | {"profiles": written})
 
-    register_routes(app, service)
+    register_routes(app)
     return app

@@ -14,52 +14,49 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from gunicorn.app.base import BaseApplication
 
 from neuron_serve.artifact.graphs import GraphSet
-from neuron_serve.artifact.manifest import MANIFEST, ArtifactManifest, read_manifest
-from neuron_serve.backends.registry import backend_for
-from neuron_serve.compiler.compile import compile_recipe, kv_cache_bytes
+from neuron_serve.artifact.manifest import ArtifactManifest, kv_cache_bytes, read_manifest
+from neuron_serve.artifact.remote import pull_artifact
 from neuron_serve.recipe.files import load_recipe
-from neuron_serve.recipe.schema import Recipe
+from neuron_serve.recipe.schema import ServeSection
 from neuron_serve.server.app import LOOPBACK, create_app
 from neuron_serve.server.auth import key_digest
+from neuron_serve.server.environment import apply_environment
+from neuron_serve.server.placement import plan_placement
+from neuron_serve.server.sagemaker import sagemaker_target
 from neuron_serve.server.service import ModelService, ServeSettings
 from neuron_serve.server.tenants import load_tenants
+from neuron_serve.weights.local_cache import cache_dir
+from neuron_serve.weights.s3 import S3Url, is_s3
 
-SAGEMAKER_MODEL_DIR = Path("/opt/ml/model")
 
-
-def resolve_target(target: str | None) -> Path:
-    """An artifact directory to serve, compiling first when given a recipe (a cache hit when nothing
-    changed). With no target inside a SageMaker container, the model comes from /opt/ml/model. The
+def resolve_target(target: str) -> Path:
+    """An artifact directory to serve: the target itself, the artifact an S3 URL names (pulled into the
+    local cache, verified), or a recipe's (compiled first: a cache hit when nothing changed). The
     artifact's manifest holds the recipe it was compiled from, [serve] settings included."""
-    if target is None:
-        model_dir = Path(os.environ.get("SM_MODEL_DIR", SAGEMAKER_MODEL_DIR))
-        if not model_dir.exists():
-            raise FileNotFoundError("give an artifact directory or a recipe (no SageMaker /opt/ml/model here)")
-        if (model_dir / MANIFEST).exists():
-            return model_dir
-        recipes = sorted(model_dir.glob("*.toml"))
-        recipe = load_recipe(recipes[0]) if recipes else Recipe(name="sagemaker-model")
-        if not recipes:
-            recipe.model.source = str(model_dir)
-        out = Path(tempfile.gettempdir()) / "neuron-serve-artifacts" / recipe.name
-        return compile_recipe(recipe, out).out_dir
+    if is_s3(target):
+        return pull_artifact(S3Url.parse(target), cache_dir())
     path = Path(target)
     if path.suffix == ".toml":
+        # Imported on use: the compiler (transformers, gguf) would add 1.7 s to every server's start.
+        from neuron_serve.compiler.compile import compile_recipe
+
         return compile_recipe(load_recipe(path)).out_dir
     read_manifest(path)  # a clear error now, not in every worker
     return path
 
 
 class ServerApplication(BaseApplication):
-    def __init__(self, settings: ServeSettings, options: dict):
-        self.settings = settings
+    def __init__(self, models: list[ServeSettings], options: dict):
+        self.models = models
+        self.settings = models[0]  # server-wide settings are every model's
         self.options = options
+        self.replica_index = 0  # this worker's, set after the fork
         super().__init__()
 
     def load_config(self) -> None:
@@ -72,7 +69,7 @@ class ServerApplication(BaseApplication):
             usage = logging.FileHandler(self.settings.usage_log)  # appends: every worker, one line each
             usage.setFormatter(logging.Formatter("%(message)s"))
             logging.getLogger("neuron_serve.requests").addHandler(usage)
-        return create_app(ModelService(self.settings).start())
+        return create_app([ModelService(settings, self.replica_index).start() for settings in self.models])
 
 
 def pre_fork(server, worker) -> None:
@@ -82,9 +79,11 @@ def pre_fork(server, worker) -> None:
 
 
 def post_fork(server, worker) -> None:
-    recipe = read_manifest(server.app.settings.artifacts).recipe
-    env = backend_for(recipe.target.kind).place_replica(worker.replica_index, server.app.cfg.workers, recipe)
-    server.log.info("replica %d placed: %s", worker.replica_index, env)
+    """The worker's models load after the fork, each replica on the cores `plan_placement` gave it."""
+    server.app.replica_index = worker.replica_index
+    for settings in server.app.models:
+        cores = settings.placement[worker.replica_index]
+        server.log.info("replica %d of %s: cores %s", worker.replica_index, settings.model_name, cores)
 
 
 def child_exit(server, worker) -> None:
@@ -98,9 +97,9 @@ def on_exit(server) -> None:
     workers' metric files have served their purpose and go."""
     from neuron_serve.engine.metrics import traffic_profile
 
-    settings = server.app.settings
-    path = traffic_profile(settings.model_name).write(settings.profile_dir)
-    server.log.info("traffic profile written: %s", path)
+    for settings in server.app.models:
+        path = traffic_profile(settings.model_name).write(settings.profile_dir)
+        server.log.info("traffic profile of %s written: %s", settings.model_name, path)
     shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
 
@@ -115,39 +114,76 @@ def describe(manifest: ArtifactManifest, artifacts: Path) -> str:
 
 
 def serve(args: argparse.Namespace) -> int:
-    artifacts = resolve_target(args.target)
-    manifest = read_manifest(artifacts)
-    serve_section = manifest.recipe.serve
-    workers = args.workers or serve_section.workers
-    max_waiting = args.max_waiting or serve_section.max_waiting
-    settings = ServeSettings(
-        artifacts=artifacts.resolve(),
-        model_name=args.model_name or manifest.recipe.name,
-        max_waiting=max_waiting,
-        max_tokens_default=serve_section.max_tokens_default,
-        max_tokens_cap=serve_section.max_tokens_cap,
+    for line in apply_environment(args):
+        print(f"configuration: {line}", file=sys.stderr)
+    targets = args.targets or [sagemaker_target()]
+    if args.model_name and len(targets) > 1:
+        raise ValueError("--model-name names one model: with several, each is served under its recipe's name")
+    artifacts = [resolve_target(target).resolve() for target in targets]
+    manifests = [read_manifest(path) for path in artifacts]
+    names = [args.model_name or manifest.recipe.name for manifest in manifests]
+    if len(set(names)) < len(names):
+        raise ValueError(f"two models are named alike ({', '.join(names)}): serve each under its own name")
+    first = manifests[0].recipe.serve
+    workers = args.workers or first.workers
+    placement = plan_placement({name: m.recipe for name, m in zip(names, manifests, strict=True)}, workers)
+    access = _access(args)
+    models = [
+        _model_settings(path, manifest, name, args, access, placement[name], workers)
+        for path, manifest, name in zip(artifacts, manifests, names, strict=True)
+    ]
+    host = args.host or first.host
+    if not (access.api_key_sha256 or access.tenants) and host not in (*LOOPBACK, "localhost"):
+        print(f"warning: serving on {host} without --api-key: anyone who reaches the port can use it", file=sys.stderr)
+    for path, manifest in zip(artifacts, manifests, strict=True):
+        print(describe(manifest, path), file=sys.stderr)
+    options = _gunicorn_options(args, host, first, workers, models)
+    ServerApplication(models, options).run()
+    return 0
+
+
+@dataclass
+class Access:
+    api_key_sha256: str
+    tenants: dict
+
+
+def _access(args: argparse.Namespace) -> Access:
+    key = key_digest(args.api_key) if args.api_key else ""
+    access = Access(key, load_tenants(args.tenants) if args.tenants else {})
+    if access.api_key_sha256 and access.tenants:
+        raise ValueError("give --api-key or --tenants, not both: the tenants file holds every key")
+    return access
+
+
+def _model_settings(path, manifest, name, args, access: Access, cores, workers: int) -> ServeSettings:
+    section = manifest.recipe.serve
+    return ServeSettings(
+        artifacts=path,
+        model_name=name,
+        max_waiting=args.max_waiting or section.max_waiting,
+        max_tokens_default=section.max_tokens_default,
+        max_tokens_cap=section.max_tokens_cap,
         log_prompts=args.log_prompts,
         profile_dir=Path(args.profile_dir),
-        api_key_sha256=key_digest(args.api_key) if args.api_key else "",
-        tenants=load_tenants(args.tenants) if args.tenants else {},
+        api_key_sha256=access.api_key_sha256,
+        tenants=access.tenants,
         replicas=workers,
         usage_log=args.usage_log,
+        placement=cores,
     )
-    if settings.api_key_sha256 and settings.tenants:
-        raise ValueError("give --api-key or --tenants, not both: the tenants file holds every key")
-    host = args.host or serve_section.host
-    if not (settings.api_key_sha256 or settings.tenants) and host not in (*LOOPBACK, "localhost"):
-        print(f"warning: serving on {host} without --api-key: anyone who reaches the port can use it", file=sys.stderr)
-    batch_size = manifest.recipe.shapes.batch_size
-    print(describe(manifest, artifacts), file=sys.stderr)
-    options = {
-        "bind": f"{host}:{args.port or serve_section.port}",
+
+
+def _gunicorn_options(args, host: str, first: ServeSection, workers: int, models: list[ServeSettings]) -> dict:
+    # Every stream holds a thread until it ends: each model's slots and queue, and room for /ping and /metrics.
+    threads = sum(read_manifest(m.artifacts).recipe.shapes.batch_size + m.max_waiting for m in models) + 8
+    return {
+        "bind": f"{host}:{args.port or first.port}",
         "workers": workers,
         "worker_class": "neuron_serve.server.worker.ServingWorker",  # gthread, guarded (its docstring)
-        # Every stream holds a thread until it ends: slots + queue + room for /ping and /metrics.
-        "threads": batch_size + max_waiting + 8,
-        "timeout": 120,
-        "graceful_timeout": serve_section.graceful_timeout_s,
+        "threads": threads,
+        "timeout": args.timeout or 120,
+        "graceful_timeout": first.graceful_timeout_s,
         "keepalive": 5,
         "pre_fork": pre_fork,
         "post_fork": post_fork,
@@ -159,5 +195,3 @@ def serve(args: argparse.Namespace) -> int:
         "control_socket_disable": True,
         "loglevel": "info",
     }
-    ServerApplication(settings, options).run()
-    return 0

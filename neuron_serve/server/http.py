@@ -1,4 +1,4 @@
-"""What every route does around a request: the ready service, the JSON body, queueing, the stream of
+"""What every route does around a request: the served models, the JSON body, queueing, the stream of
 events (with disconnect detection), SSE framing and the request log."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from flask import current_app, g, request
 from neuron_serve.engine.sampler import brief
 from neuron_serve.engine.scheduler import QueueFullError
 from neuron_serve.engine.sequence import Delta, Finished, Sequence
+from neuron_serve.server.models import ServedModels
 from neuron_serve.server.protocol import APIError
 from neuron_serve.server.service import ModelService
 from neuron_serve.server.worker import draining_past_deadline
@@ -24,17 +25,13 @@ from neuron_serve.server.worker import draining_past_deadline
 request_log = logging.getLogger("neuron_serve.requests")
 
 
-def ready_service() -> ModelService:
-    service: ModelService = current_app.extensions["service"]
-    if service.state != "ready":
-        detail = f": {service.error}" if service.error else ""
-        raise APIError(503, f"the model is {service.state}{detail}", None, "service_unavailable")
-    return service
+def served() -> ServedModels:
+    return current_app.extensions["models"]
 
 
 def json_body() -> dict:
     """The body as a JSON object, whatever its Content-Type says (as vLLM reads it)."""
-    limit = current_app.extensions["service"].settings.max_body_bytes
+    limit = served().default.settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise APIError(413, f"the request body has {request.content_length} bytes; the limit is {limit} bytes")
     raw = request.get_data()  # a chunked body: cut off one byte past the limit (`create_app`)

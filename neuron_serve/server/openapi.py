@@ -90,12 +90,12 @@ _PROMPT = {
 }
 
 
-def _completion_request(model: str, max_tokens_field: str, prompt_field: dict) -> dict:
+def _completion_request(model_names: list[str], max_tokens_field: str, prompt_field: dict) -> dict:
     return {
         "type": "object",
         "required": ["model", *prompt_field],
         "properties": {
-            "model": {"type": "string", "enum": [model]},
+            "model": {"type": "string", "enum": model_names},
             **prompt_field,
             max_tokens_field: {"type": "integer", "minimum": 1, "nullable": True},
             **_SAMPLING,
@@ -146,8 +146,8 @@ def _choices(item: dict) -> dict:
     }
 
 
-def openapi_document(model: str) -> dict[str, Any]:
-    """The document for a server that serves `model`."""
+def openapi_document(model_names: list[str]) -> dict[str, Any]:
+    """The document for a server that serves `model_names`."""
     message = {
         "type": "object",
         "required": ["role"],
@@ -201,16 +201,16 @@ def openapi_document(model: str) -> dict[str, Any]:
     tokens = {"type": "object", "required": ["count", "tokens"], "properties": {"tokens": {"type": "array"}}}
     return {
         "openapi": "3.0.3",
-        "info": {"title": "neuron-serve", "version": "1", "description": f"Serving {model}."},
+        "info": {"title": "neuron-serve", "version": "1", "description": f"Serving {', '.join(model_names)}."},
         "paths": {
             "/v1/completions": _post(
                 "A completion (OpenAI)",
-                _completion_request(model, "max_tokens", prompt),
+                _completion_request(model_names, "max_tokens", prompt),
                 _json_or_stream(_choices(text_choice), "the completion, or its events (stream)"),
             ),
             "/v1/chat/completions": _post(
                 "A chat completion (OpenAI)",
-                _completion_request(model, "max_completion_tokens", messages),
+                _completion_request(model_names, "max_completion_tokens", messages),
                 _json_or_stream(_choices(chat_choice), "the completion, or its events (stream)"),
             ),
             "/invocations": _post(
@@ -229,7 +229,9 @@ def openapi_document(model: str) -> dict[str, Any]:
                 ok_json,
             ),
             "/v1/models": _get(
-                "The served model", {"description": "ok", "content": {"application/json": {"schema": models}}}, ("401",)
+                "The served models",
+                {"description": "ok", "content": {"application/json": {"schema": models}}},
+                ("401",),
             ),
             "/ping": _health("SageMaker's health check", None),
             "/health": _health(

@@ -132,17 +132,6 @@ def stream_settings(body: dict[str, Any]) -> tuple[bool, bool]:
     return stream, include_usage
 
 
-def check_model(body: dict[str, Any], served: str) -> None:
-    """OpenAI's and vLLM's answers: a model is required, and one this server does not serve is a 404."""
-    model = body.get("model")
-    if model is None:
-        raise APIError(400, f"'model' is required: this server serves {served!r}", "model")
-    if model != served:
-        raise APIError(
-            404, f"the model {brief(model)} does not exist: this server serves {served!r}", "model", "model_not_found"
-        )
-
-
 def _stop_list(value: Any) -> tuple[str, ...]:
     if value is None:
         return ()

@@ -15,14 +15,13 @@ from neuron_serve.server.http import (
     json_body,
     log_request,
     new_id,
-    ready_service,
+    served,
     sse,
     submit,
 )
 from neuron_serve.server.inputs import TOKENIZE_MAX_CHARS, chat_prompt, checked_text, completion_prompt
 from neuron_serve.server.protocol import (
     APIError,
-    check_model,
     reject_unsupported,
     sampling_params,
     stream_settings,
@@ -39,11 +38,10 @@ def usage(seq: Sequence) -> dict:
     return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
 
 
-def openai_response(service: ModelService, chat: bool, body: dict | None = None, route: str = ""):
+def openai_response(chat: bool, body: dict | None = None, route: str = ""):
     """An OpenAI completion or chat request; from /invocations (LMI's chat schema) the model is optional."""
     body = json_body() if body is None else body
-    if not route or "model" in body:
-        check_model(body, service.settings.model_name)
+    service = served().ready(body.get("model"), required=not route)
     reject_unsupported(body)
     stream, include_usage = stream_settings(body)
     tokenizer, limits = service.tokenizer, service.limits
@@ -156,12 +154,14 @@ class ChatShape(CompletionShape):
 STREAM_TYPES = ("text/event-stream", "application/jsonlines")
 
 
-def invocations(service: ModelService):
+def invocations():
     """SageMaker's TGI/LMI schema, {"inputs": "...", "parameters": {...}}, or LMI's chat schema,
-    {"messages": [...], ...} (answered as an OpenAI chat completion)."""
+    {"messages": [...], ...} (answered as an OpenAI chat completion). `model` is optional: the first
+    model served answers a request that names none."""
     body = json_body()
     if "messages" in body and "inputs" not in body:
-        return openai_response(service, chat=True, body=body, route="/invocations")
+        return openai_response(chat=True, body=body, route="/invocations")
+    service = served().ready(body.get("model"), required=False)
     inputs = body.get("inputs")
     if not isinstance(inputs, str) or not inputs:
         raise APIError(400, "'inputs' must be a non-empty string (or give 'messages', LMI's chat schema)", "inputs")
@@ -229,37 +229,29 @@ def _frame(payload: dict, sse_format: bool) -> str:
     return sse(payload) if sse_format else json.dumps(payload, ensure_ascii=False) + "\n"
 
 
-def register_routes(app: Flask, service: ModelService) -> None:
+def register_routes(app: Flask) -> None:
     @app.post("/v1/completions")
     def completions():
-        return openai_response(ready_service(), chat=False)
+        return openai_response(chat=False)
 
     @app.post("/v1/chat/completions")
     def chat_completions():
-        return openai_response(ready_service(), chat=True)
+        return openai_response(chat=True)
 
     @app.post("/invocations")
     def sagemaker_invocations():
-        return invocations(ready_service())
+        return invocations()
 
     @app.get("/v1/models")
     def models():
-        model = {
-            "id": service.settings.model_name,
-            "object": "model",
-            "created": int(time.time()),
-            "owned_by": "neuron-serve",
-            "root": service.source or service.settings.model_name,
-            "max_model_len": service.limits.max_seq_len if service.limits else None,
-        }
         tenant = g.get("tenant")
-        visible = tenant is None or tenant.may_use(service.settings.model_name)
-        return jsonify({"object": "list", "data": [model] if visible else []})
+        visible = [s for s in served().services if tenant is None or tenant.may_use(s.settings.model_name)]
+        return jsonify({"object": "list", "data": [model_card(service) for service in visible]})
 
     @app.post("/tokenize")
     def tokenize():
-        live = ready_service()
         body = json_body()
+        live = served().ready(body.get("model"))
         if "messages" in body:
             tokens = chat_prompt(live.tokenizer, live.limits, body["messages"])
         elif isinstance(body.get("prompt"), str):
@@ -277,10 +269,22 @@ def register_routes(app: Flask, service: ModelService) -> None:
 
     @app.post("/detokenize")
     def detokenize():
-        live = ready_service()
-        tokens = json_body().get("tokens")
+        body = json_body()
+        live = served().ready(body.get("model"))
+        tokens = body.get("tokens")
         if not isinstance(tokens, list) or not all(
             isinstance(t, int) and not isinstance(t, bool) and 0 <= t < live.limits.vocab_size for t in tokens
         ):
             raise APIError(400, f"'tokens' must be a list of ids in [0, {live.limits.vocab_size})", "tokens")
         return jsonify({"prompt": live.tokenizer.decode(tokens)})
+
+
+def model_card(service: ModelService) -> dict:
+    return {
+        "id": service.settings.model_name,
+        "object": "model",
+        "created": int(time.time()),
+        "owned_by": "neuron-serve",
+        "root": service.source or service.settings.model_name,
+        "max_model_len": service.limits.max_seq_len if service.limits else None,
+    }

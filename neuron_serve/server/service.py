@@ -8,10 +8,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import AutoTokenizer
-
 from neuron_serve.artifact.manifest import read_manifest
-from neuron_serve.backends.base import LoadTimes
+from neuron_serve.backends.base import Cores, LoadTimes
 from neuron_serve.backends.registry import backend_for
 from neuron_serve.engine.engine import Engine
 from neuron_serve.engine.forward_process import ForwardProcess
@@ -37,11 +35,13 @@ class ServeSettings:
     tenants: dict[str, Tenant] = field(default_factory=dict)  # by key digest (server/tenants.py)
     replicas: int = 1  # the workers, which share each tenant's limits
     usage_log: Path | None = None  # each request's usage record, appended as JSON lines
+    placement: list[Cores] = field(default_factory=list)  # each replica's (server/placement.py); []: unpinned
 
 
 class ModelService:
-    def __init__(self, settings: ServeSettings):
+    def __init__(self, settings: ServeSettings, replica_index: int = 0):
         self.settings = settings
+        self.cores = settings.placement[replica_index] if settings.placement else None
         self.state = "loading"
         self.error: str | None = None
         self.engine: Engine | None = None
@@ -65,8 +65,12 @@ class ModelService:
         try:
             times = LoadTimes()
             manifest = read_manifest(self.settings.artifacts)
-            runner = ForwardProcess(self.settings.artifacts, on_exit=self._fail)
+            runner = ForwardProcess(self.settings.artifacts, on_exit=self._fail, cores=self.cores)
             started = time.perf_counter()  # the tokenizer loads while the forward process does
+            # Imported here, not by the gunicorn master: the worker imports it while its forward process
+            # starts on another core (it is a second of the master's start otherwise).
+            from transformers import AutoTokenizer
+
             self.tokenizer = AutoTokenizer.from_pretrained(self.settings.artifacts / "tokenizer")
             times.measure("load_tokenizer", started)
             runner.wait_ready(times)

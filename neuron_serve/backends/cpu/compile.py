@@ -22,6 +22,7 @@ from neuron_serve.model.llama import LlamaModel
 from neuron_serve.model.parallel import TensorParallel
 from neuron_serve.model.quantization import QuantSpec
 from neuron_serve.model.state import model_from_state_dict
+from neuron_serve.progress import Phase
 from neuron_serve.recipe.schema import Recipe
 
 
@@ -64,7 +65,9 @@ def compile_cpu_graphs(job: CompileJob) -> list[GraphRecord]:
     entry = job.cache.lookup("graphs", key)
     hit = entry is not None
     if not hit:
-        with job.console.status(f"compiling the {STEP} graph (torch.export + AOTInductor)"):
+        # One graph with dynamic step dimensions serves every bucket: graph 1 of 1, however many buckets.
+        title = f"compile {job.recipe.name}: graph 1 of 1 ({STEP}, torch.export + AOTInductor)"
+        with Phase(title, console=job.console):
             entry = _compile_entry(job, key)
     return [_link_graph(job, entry, key, hit)]
 

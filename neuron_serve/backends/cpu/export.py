@@ -58,7 +58,10 @@ def step_example(model: LlamaModel, graphs: GraphSet) -> tuple[tuple, tuple]:
     inputs = step_tensors(StepBatch([0], [1], [1], chunks), shape)
     cache = model.new_kv_cache(graphs.batch_size)
     rows, tokens = _dim("decode_rows", bounds.decode_rows), _dim("prompt_tokens", bounds.prompt_tokens)
-    keys = Dim("keys", min=graphs.token_buckets[0] + 1, max=bounds.kv_len + bounds.prompt_tokens)
+    if len(graphs.token_buckets) > 1:
+        keys = Dim("keys", min=graphs.token_buckets[0] + 1, max=bounds.kv_len + bounds.prompt_tokens)
+    else:  # one KV length: a step's keys are it plus the step's prompt tokens, which export must be told
+        keys = tokens + graphs.token_buckets[0] if tokens is not None else None
     prompts = _dim("prompts", bounds.prompts)
     dynamic = ({0: rows}, {0: rows}, {0: tokens}, {0: tokens}, None, {0: tokens, 1: keys}, {0: prompts}, None, None)
     return (*inputs, cache.keys, cache.values), dynamic

@@ -9,7 +9,7 @@ from pathlib import Path
 from neuron_serve.artifact.manifest import ArtifactManifest, GraphRecord
 from neuron_serve.backends.base import Backend, CompileJob, LoadTimes, Runner, warm_up
 from neuron_serve.backends.neuron.compile import compile_for_neuron
-from neuron_serve.backends.neuron.cores import core_range_for_worker
+from neuron_serve.backends.neuron.cores import core_range
 from neuron_serve.backends.neuron.occupancy import watch_monitor
 from neuron_serve.backends.neuron.runner import NeuronRunner
 from neuron_serve.model.config import ModelConfig
@@ -29,11 +29,14 @@ class NeuronBackend(Backend):
     def open_runner(self, directory: Path, manifest: ArtifactManifest, times: LoadTimes) -> Runner:
         return NeuronRunner(directory, manifest, times)  # NxD runs every rank from this one process
 
-    def place_replica(self, replica_index: int, replicas: int, recipe: Recipe) -> dict[str, str]:
-        """TP-degree NeuronCores of its own; the runtime reads them when the forward process starts."""
-        target = recipe.target
-        cores = core_range_for_worker(replica_index, target.instance, target.tp_degree, replicas)
-        env = {"NEURON_RT_VISIBLE_CORES": cores}
+    core_name = "NeuronCores"
+
+    def replica_cores(self, recipe: Recipe, share: int) -> int:
+        return recipe.target.tp_degree
+
+    def enter_replica(self, first: int, count: int) -> dict[str, str]:
+        """The runtime reads NEURON_RT_VISIBLE_CORES when it starts, which is after this (the runner loads)."""
+        env = {"NEURON_RT_VISIBLE_CORES": core_range(first, count)}
         os.environ.update(env)
         return env
 

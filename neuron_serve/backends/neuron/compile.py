@@ -12,6 +12,7 @@ compile time is an equal share of the whole (the compiler does not report per-gr
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -25,7 +26,9 @@ from neuron_serve.backends.neuron.parallel_model import LayerFactory, build_para
 from neuron_serve.backends.neuron.runner import GRAPHS_DIR
 from neuron_serve.model.config import ModelConfig
 from neuron_serve.model.quantization import QuantSpec
+from neuron_serve.progress import Phase
 from neuron_serve.recipe.schema import Recipe
+from neuron_serve.weights.local_cache import shared_cache_url
 
 
 def recipe_graphs(recipe: Recipe) -> GraphSet:
@@ -51,6 +54,15 @@ def graph_factory(
     return factory
 
 
+def share_compiler_cache() -> None:
+    """With a shared neuron-serve cache on S3, neuronx-cc's persistent cache lives beside it. The Neuron
+    SDK reads NEURON_COMPILE_CACHE_URL (a directory or an s3:// URL; "Neuron Persistent Cache",
+    about-neuron/arch/neuron-features/neuron-caching.rst, SDK 2.29 docs); one the user set wins."""
+    shared = shared_cache_url()
+    if shared:
+        os.environ.setdefault("NEURON_COMPILE_CACHE_URL", shared.rstrip("/") + "/neuronx-cc")
+
+
 def compile_for_neuron(recipe: Recipe, config: ModelConfig, staging: Path) -> list[GraphRecord]:
     """Compile every graph of ``recipe`` into ``staging/graphs/``; one GraphRecord per graph.
 
@@ -58,11 +70,14 @@ def compile_for_neuron(recipe: Recipe, config: ModelConfig, staging: Path) -> li
     and removed when it succeeds.
     """
     sdk.require_sdk()
+    share_compiler_cache()
     inputs = example_inputs(recipe_graphs(recipe))
     out_dir = Path(staging) / GRAPHS_DIR
     workdir = Path(staging).with_name(Path(staging).name + ".neuronx-cc")
     started = time.perf_counter()
-    model_file = sdk.compile_graphs(recipe, graph_factory(recipe, config), inputs, None, out_dir, workdir)
+    # ModelBuilder compiles every graph in one call: no count to report, only the time it takes.
+    with Phase(f"compile {recipe.name}: {len(inputs)} graphs in one ModelBuilder call (neuronx-cc)"):
+        model_file = sdk.compile_graphs(recipe, graph_factory(recipe, config), inputs, None, out_dir, workdir)
     seconds = (time.perf_counter() - started) / len(inputs)
     bundle, file = model_file.stat().st_size, model_file.relative_to(staging).as_posix()
     records = []
