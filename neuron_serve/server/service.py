@@ -38,6 +38,20 @@ class ServeSettings:
     placement: list[Cores] = field(default_factory=list)  # each replica's (server/placement.py); []: unpinned
 
 
+_one_loader_at_a_time = threading.Lock()
+
+
+def _load_tokenizer(directory: Path):
+    """transformers is imported by the worker while its forward processes start on other cores (in the
+    gunicorn master it would add a second to every start), and by one loader at a time: its lazy
+    modules fail ("cannot import name 'AutoTokenizer'") when two threads import them at once, as the
+    loaders of several models would."""
+    with _one_loader_at_a_time:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(directory)
+
+
 class ModelService:
     def __init__(self, settings: ServeSettings, replica_index: int = 0):
         self.settings = settings
@@ -67,11 +81,7 @@ class ModelService:
             manifest = read_manifest(self.settings.artifacts)
             runner = ForwardProcess(self.settings.artifacts, on_exit=self._fail, cores=self.cores)
             started = time.perf_counter()  # the tokenizer loads while the forward process does
-            # Imported here, not by the gunicorn master: the worker imports it while its forward process
-            # starts on another core (it is a second of the master's start otherwise).
-            from transformers import AutoTokenizer
-
-            self.tokenizer = AutoTokenizer.from_pretrained(self.settings.artifacts / "tokenizer")
+            self.tokenizer = _load_tokenizer(self.settings.artifacts / "tokenizer")
             times.measure("load_tokenizer", started)
             runner.wait_ready(times)
             config, recipe = manifest.model_config, manifest.recipe
