@@ -109,9 +109,6 @@ class RemoteArtifact:
 
 def list_artifacts(prefix: S3Url) -> list[RemoteArtifact]:
     """Every complete artifact (one with a manifest) below `prefix`."""
-    manifests = [o.url for o in list_objects(prefix) if o.url.key.endswith("/" + MANIFEST)]
-    return [RemoteArtifact(S3Url(m.bucket, m.key.rsplit("/", 1)[0]), _manifest_at(m)) for m in manifests]
-
-
-def _manifest_at(manifest_url: S3Url) -> ArtifactManifest:
-    return remote_manifest(S3Url(manifest_url.bucket, manifest_url.key.rsplit("/", 1)[0]))
+    keys = [o.url.key for o in list_objects(prefix) if o.url.key.endswith("/" + MANIFEST)]
+    urls = [S3Url(prefix.bucket, key.removesuffix("/" + MANIFEST)) for key in keys]
+    return [RemoteArtifact(url, remote_manifest(url)) for url in urls]

@@ -137,7 +137,9 @@ def serve(args: argparse.Namespace) -> int:
         print(f"warning: serving on {host} without --api-key: anyone who reaches the port can use it", file=sys.stderr)
     for path, manifest in zip(artifacts, manifests, strict=True):
         print(describe(manifest, path), file=sys.stderr)
-    options = _gunicorn_options(args, host, first, workers, models)
+    # Every stream holds a thread until it ends: each model's slots and queue, and room for /ping and /metrics.
+    threads = sum(m.recipe.shapes.batch_size + s.max_waiting for m, s in zip(manifests, models, strict=True)) + 8
+    options = _gunicorn_options(args, host, first, workers, threads)
     ServerApplication(models, options).run()
     return 0
 
@@ -174,9 +176,7 @@ def _model_settings(path, manifest, name, args, access: Access, cores, workers: 
     )
 
 
-def _gunicorn_options(args, host: str, first: ServeSection, workers: int, models: list[ServeSettings]) -> dict:
-    # Every stream holds a thread until it ends: each model's slots and queue, and room for /ping and /metrics.
-    threads = sum(read_manifest(m.artifacts).recipe.shapes.batch_size + m.max_waiting for m in models) + 8
+def _gunicorn_options(args, host: str, first: ServeSection, workers: int, threads: int) -> dict:
     return {
         "bind": f"{host}:{args.port or first.port}",
         "workers": workers,

@@ -133,19 +133,14 @@ def write_object(url: S3Url, body: bytes) -> None:
 
 
 class _Progress:
-    """An s3transfer subscriber that reports each chunk's bytes."""
+    """An s3transfer subscriber that reports each chunk's bytes (s3transfer calls only the `on_*`
+    methods a subscriber has)."""
 
     def __init__(self, on_bytes: Callable[[int], None]):
         self.on_bytes = on_bytes
 
-    def on_queued(self, **kwargs) -> None:
-        pass
-
     def on_progress(self, bytes_transferred: int, **kwargs) -> None:
         self.on_bytes(bytes_transferred)
-
-    def on_done(self, **kwargs) -> None:
-        pass
 
 
 def _transfer(jobs: list[tuple[S3Url, Path]], upload: bool, on_bytes: Callable[[int], None]) -> None:
