@@ -11,12 +11,12 @@ of the default model, then lm_head; ``python -m benchmarks.quant_kernels`` print
   8 to 32 rows. Inductor's int8 weight-only GEMM template, tried once while choosing (torch.compile
   with frozen weights and max-autotune), took 30 ms at one row and 89 at 32 against fp32's 56 and 113:
   slower than the kernel below, and tried only with weights frozen into the graph, which ours are not.
-- fbgemm's dynamic int8 linear, grouped, is fast (in one run: 44 % of fp32's time at one row, 73 % at
+- fbgemm's dynamic int8 linear, grouped, is fast (in one run: 36 % of fp32's time at one row, 63 % at
   32, its lm_head a third of fp32's) but rounds the activations to 7 bits: +11-13 % perplexity on the
   default model, where the quality goal is 1 %.
 - So int8 weight-only is a kernel of our own: int8 rows widened to fp32 in registers and multiplied
-  with AVX2 FMAs, the activations untouched: in the same run, grouped, 22 % of fp32's time at one row
-  and 70 % at 32.
+  with AVX2 FMAs, the activations untouched: in the same run, grouped, 18 % of fp32's time at one row
+  and 72 % at 32.
 
 The library kernels need their weights in a layout made for the machine (fbgemm's packed matrix,
 ATen's int4 tiles), while a graph's constants are the artifact's portable tensors. Each operator
