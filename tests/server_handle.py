@@ -89,3 +89,22 @@ class ServerHandle:
             self.process.terminate()
             self.process.wait(timeout=60)
         self.log.close()
+
+
+def child_pids(pid: int) -> list[int]:
+    return [
+        int(child) for task in Path(f"/proc/{pid}/task").iterdir() for child in (task / "children").read_text().split()
+    ]
+
+
+def forward_process_pids(server_pid: int, count: int = 1, timeout: float = 30) -> list[int]:
+    """The forward processes under a server: its workers' children, but for multiprocessing's resource
+    tracker; waits until there are `count`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        grandchildren = [c for worker in child_pids(server_pid) for c in child_pids(worker)]
+        forwards = [c for c in grandchildren if b"resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes()]
+        if len(forwards) >= count:
+            return forwards
+        time.sleep(0.1)
+    raise TimeoutError(f"fewer than {count} forward processes under the server")

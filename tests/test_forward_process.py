@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import os
 import signal
-import time
+import threading
 from pathlib import Path
 
 import openai
 import pytest
 import requests
 from conftest import tiny_recipe
-from server_handle import ServerHandle
+from server_handle import ServerHandle, child_pids, forward_process_pids
 
 from neuron_serve.artifact.manifest import CorruptArtifactError
 from neuron_serve.backends.base import LoadTimes, run_decode, run_prompt
@@ -20,6 +20,7 @@ from neuron_serve.backends.registry import open_runner
 from neuron_serve.compiler.compile import compile_recipe
 from neuron_serve.engine.forward_process import ForwardProcess, ForwardProcessError
 from neuron_serve.model.step import PromptChunk, StepBatch
+from neuron_serve.server.command import forward_start_method
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,7 @@ def test_a_dead_forward_process_is_a_clear_error(tiny_artifacts):
 def test_server_reports_a_dead_forward_process(tiny_artifacts):
     server = ServerHandle(tiny_artifacts)
     try:
-        os.kill(_forward_process_pid(server.process.pid), signal.SIGKILL)
+        os.kill(forward_process_pids(server.process.pid)[0], signal.SIGKILL)
         client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
         with pytest.raises(openai.InternalServerError, match="forward process exited"):
             client.completions.create(model=server.model, prompt="hello", max_tokens=4)
@@ -94,20 +95,40 @@ def test_server_reports_a_dead_forward_process(tiny_artifacts):
         server.stop()
 
 
-def _children(pid: int) -> list[int]:
-    return [
-        int(child) for task in Path(f"/proc/{pid}/task").iterdir() for child in (task / "children").read_text().split()
-    ]
+def test_a_forward_process_is_forked_only_before_other_threads_run(tiny_artifacts):
+    release = threading.Event()
+    other = threading.Thread(target=release.wait)
+    other.start()
+    try:
+        with pytest.raises(RuntimeError, match="before its process starts other threads"):
+            ForwardProcess(tiny_artifacts, start_method="fork")
+    finally:
+        release.set()
+        other.join()
 
 
-def _forward_process_pid(server_pid: int) -> int:
-    """The server's worker (its one child) and the worker's spawned child (not multiprocessing's
-    resource tracker): the forward process."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        grandchildren = [c for w in _children(server_pid) for c in _children(w)]
-        forwards = [c for c in grandchildren if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
-        if forwards:
-            return forwards[0]
-        time.sleep(0.1)
-    raise TimeoutError("no forward process under the server")
+def test_a_server_that_compiles_spawns_its_forward_processes_and_one_that_does_not_forks_them():
+    assert forward_start_method(["artifacts/a", "s3://bucket/models/b"]) == "fork"
+    assert forward_start_method(["artifacts/a", "compile/b.toml"]) == "spawn"
+
+
+def test_the_forked_forward_process_does_not_hold_the_servers_port(tiny_artifacts):
+    server = ServerHandle(tiny_artifacts)
+    try:
+        (forward,) = forward_process_pids(server.process.pid)
+        assert not _listening_inodes(server.port) & _socket_inodes(forward)
+        workers = child_pids(server.process.pid)
+        assert any(_listening_inodes(server.port) & _socket_inodes(worker) for worker in workers)
+    finally:
+        server.stop()
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    links = (os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir())
+    return {link[len("socket:[") : -1] for link in links if link.startswith("socket:[")}
+
+
+def _listening_inodes(port: int) -> set[str]:
+    """/proc/net/tcp's sockets on `port` in state LISTEN (0A); column 9 is the inode."""
+    rows = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+    return {row[9] for row in rows if int(row[1].split(":")[1], 16) == port and row[3] == "0A"}

@@ -11,7 +11,7 @@ import pytest
 import requests
 from conftest import tiny_recipe
 from openai import NotFoundError, OpenAI
-from server_handle import ServerHandle
+from server_handle import ServerHandle, forward_process_pids
 
 from neuron_serve.compiler.compile import compile_recipe
 
@@ -54,20 +54,8 @@ def test_health_reports_each_model(two_models):
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to give each model its own")
 def test_each_models_forward_process_runs_on_cpus_of_its_own(two_models):
-    children = subprocess.run(["pgrep", "-f", "multiprocessing.spawn"], capture_output=True, text=True).stdout.split()
-    mine = [int(pid) for pid in children if _descends_from(int(pid), two_models.process.pid)]
-    assert len(mine) == 2
-    first, second = (os.sched_getaffinity(pid) for pid in mine)
+    first, second = (os.sched_getaffinity(pid) for pid in forward_process_pids(two_models.process.pid, count=2))
     assert first and second and not first & second
-
-
-def _descends_from(pid: int, ancestor: int) -> bool:
-    while pid > 1:
-        if pid == ancestor:
-            return True
-        with open(f"/proc/{pid}/stat") as stat:
-            pid = int(stat.read().rsplit(")", 1)[1].split()[1])
-    return False
 
 
 def test_two_models_under_one_name_are_refused(tiny_artifacts):

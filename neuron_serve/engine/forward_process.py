@@ -13,6 +13,8 @@ import atexit
 import contextlib
 import os
 import signal
+import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -41,14 +43,27 @@ class ForwardProcess:
     graphs: GraphSet
 
     def __init__(
-        self, directory: Path, on_exit: Callable[[str], None] = lambda message: None, cores: Cores | None = None
+        self,
+        directory: Path,
+        on_exit: Callable[[str], None] = lambda message: None,
+        cores: Cores | None = None,
+        start_method: str = "spawn",
     ):
         """Starts loading in the child, on `cores` when given (else on this process's); `wait_ready`
-        waits for it. `on_exit(message)` is called once if the child is found gone while serving."""
+        waits for it. `on_exit(message)` is called once if the child is found gone while serving.
+
+        `start_method` "spawn" starts a new interpreter, which imports torch and this package first:
+        2 to 3 s of a cold start on 2 cores. "fork" starts the child with them imported, and is for a
+        process that has run no parallel torch operator and no other thread (a gunicorn worker whose
+        master compiled nothing): a forked child hangs in its first parallel operator when the parent
+        has started OpenMP's threads (measured with this torch build), and only the forking thread
+        goes with the child, so a lock another thread held would never be released there."""
+        if start_method == "fork" and threading.active_count() > 1:
+            raise RuntimeError("a forward process is forked before its process starts other threads")
         self._on_exit = on_exit
         files = read_manifest(Path(directory)).files  # an unreadable manifest fails here, before any child
         self._started = time.monotonic()
-        context = mp.get_context("spawn")  # fork is unsafe in a process that already runs threads
+        context = mp.get_context(start_method)
         self._connection, child_end = context.Pipe()
         # Not a daemon: a tensor-parallel runner in the child starts rank processes of its own.
         self._process = context.Process(
@@ -56,9 +71,10 @@ class ForwardProcess:
         )
         self._process.start()
         child_end.close()
-        # The child imports for seconds before it checks the artifact's files: read them here
-        # meanwhile, so that its check finds their digests recorded (`artifact.checksums`).
-        threading.Thread(target=_record_checksums, args=(Path(directory), files), daemon=True).start()
+        if start_method == "spawn":
+            # The child imports for seconds before it checks the artifact's files: read them here
+            # meanwhile, so that its check finds their digests recorded (`artifact.checksums`).
+            threading.Thread(target=_record_checksums, args=(Path(directory), files), daemon=True).start()
         # Before multiprocessing's own exit handler, which would wait for the child to end by itself.
         atexit.register(self.close)
         self.failure: str | None = None
@@ -137,6 +153,7 @@ def _serve(directory: str, connection, cores: Cores | None) -> None:
     # process ends when the worker closes the pipe (or dies).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _close_inherited_listeners()
     if cores is not None:
         backend_for(read_manifest(Path(directory)).recipe.target.kind).enter_replica(cores.first, cores.count)
     torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -160,6 +177,20 @@ def _serve(directory: str, connection, cores: Cores | None) -> None:
     except (BrokenPipeError, ConnectionResetError):
         pass  # the worker went first (killed at the end of its drain): no one is left to answer
     runner.close()
+
+
+def _close_inherited_listeners() -> None:
+    """A forked child holds its worker's listening sockets: without this, the server's port would stay
+    open, queueing connections no one accepts, until the child ends after its worker."""
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if not stat.S_ISSOCK(os.fstat(int(name)).st_mode):
+                continue
+            sock = socket.socket(fileno=int(name))
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                sock.close()
+            else:
+                sock.detach()
 
 
 def _load(directory: Path) -> tuple[Runner, dict]:

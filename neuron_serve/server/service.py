@@ -36,6 +36,7 @@ class ServeSettings:
     replicas: int = 1  # the workers, which share each tenant's limits
     usage_log: Path | None = None  # each request's usage record, appended as JSON lines
     placement: list[Cores] = field(default_factory=list)  # each replica's (server/placement.py); []: unpinned
+    forward_start_method: str = "spawn"  # how the forward process starts (its docstring says when to fork)
 
 
 _one_loader_at_a_time = threading.Lock()
@@ -65,9 +66,22 @@ class ModelService:
         self.metrics = metrics_for(settings.model_name)
         self.source = ""
         self.quotas = Quotas(settings.replicas)
+        self._forward: ForwardProcess | None = None
         self._thread = threading.Thread(target=self._load, name="neuron-serve-loader", daemon=True)
 
+    def start_forward_process(self) -> None:
+        """Starts the forward process from the calling thread: a forked one before any other thread runs
+        (`create_services`). An artifact that cannot be read fails the model here."""
+        try:
+            self._forward = ForwardProcess(
+                self.settings.artifacts, self._fail, self.cores, self.settings.forward_start_method
+            )
+        except Exception as error:  # reported by /health and /ping, as a failed load
+            log.exception("starting the forward process of %s failed", self.settings.artifacts)
+            self._fail(f"{type(error).__name__}: {error}")
+
     def start(self) -> ModelService:
+        """Loads the rest in the background, once the forward process has started."""
         self._thread.start()
         return self
 
@@ -76,10 +90,11 @@ class ModelService:
         return self.state == "ready"
 
     def _load(self) -> None:
+        if self._forward is None:
+            return  # failed to start: `start_forward_process` said why
         try:
             times = LoadTimes()
-            manifest = read_manifest(self.settings.artifacts)
-            runner = ForwardProcess(self.settings.artifacts, on_exit=self._fail, cores=self.cores)
+            manifest, runner = read_manifest(self.settings.artifacts), self._forward
             started = time.perf_counter()  # the tokenizer loads while the forward process does
             self.tokenizer = _load_tokenizer(self.settings.artifacts / "tokenizer")
             times.measure("load_tokenizer", started)
@@ -112,3 +127,12 @@ class ModelService:
     def _fail(self, message: str) -> None:
         self.error = message
         self.state = "failed"
+
+
+def start_services(models: list[ServeSettings], replica_index: int) -> list[ModelService]:
+    """One replica of each model: every forward process started first, from this thread, then each
+    model's loader thread."""
+    services = [ModelService(settings, replica_index) for settings in models]
+    for service in services:
+        service.start_forward_process()
+    return [service.start() for service in services]
