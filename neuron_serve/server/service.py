@@ -71,7 +71,7 @@ class ModelService:
 
     def start_forward_process(self) -> None:
         """Starts the forward process from the calling thread: a forked one before any other thread runs
-        (`create_services`). An artifact that cannot be read fails the model here."""
+        (`start_services`). An artifact that cannot be read fails the model here."""
         try:
             self._forward = ForwardProcess(
                 self.settings.artifacts, self._fail, self.cores, self.settings.forward_start_method
