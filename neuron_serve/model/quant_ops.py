@@ -34,6 +34,7 @@ sequences share its step.
 from __future__ import annotations
 
 import functools
+import hashlib
 import threading
 import warnings
 from pathlib import Path
@@ -112,8 +113,12 @@ def load_int8_weight_kernel() -> None:
     ``neuron_serve::int8_weight_linear``: a C++ operator, so a compiled graph calls it without Python."""
     from torch.utils import cpp_extension
 
+    # One build per checkout: torch keeps one build directory per name, whose ninja file names the
+    # source's path, so two checkouts (a clone beside an installed copy) sharing a name would rebuild
+    # the kernel, about 60 s on 2 cores, each time the other one had loaded it.
+    checkout = hashlib.sha256(str(_INT8_WEIGHT_SOURCE.resolve()).encode()).hexdigest()[:12]
     cpp_extension.load(
-        name="neuron_serve_int8_weight_linear",
+        name=f"neuron_serve_int8_weight_linear_{checkout}",
         sources=[str(_INT8_WEIGHT_SOURCE)],
         # OpenMP: at::parallel_for is compiled into the extension, and is serial without it.
         extra_cflags=["-O3", "-fopenmp"],
