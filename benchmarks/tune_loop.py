@@ -98,15 +98,16 @@ def tuned_recipe(recipe_path: Path, artifacts: Path, profile: Path, name: str, s
 
 def table(recipes: list, results: list[dict]) -> str:
     lines = [
-        "| recipe | context buckets | KV buckets | batch buckets | prompt padding | TTFT p50 ms | TTFT p90 ms "
-        "| ITL p50 ms | output tok/s |",
-        "|" + " --- |" * 9,
+        "| recipe | slots | token budget | prefill order | context buckets | KV buckets | batch buckets "
+        "| prompt padding | TTFT p50 ms | TTFT p90 ms | ITL p50 ms | output tok/s |",
+        "|" + " --- |" * 12,
     ]
     for recipe, r in zip(recipes, results, strict=True):
         s, level = recipe.shapes, r["level"]
         waste = 1 - r["real"] / r["padded"] if r["padded"] else 0.0
         lines.append(
-            f"| {recipe.name} | {s.context_buckets} | {s.token_buckets} | {s.batch_buckets} | {waste:.1%} "
+            f"| {recipe.name} | {s.batch_size} | {s.token_budget} | {recipe.serve.prefill_order} "
+            f"| {s.context_buckets} | {s.token_buckets} | {s.batch_buckets} | {waste:.1%} "
             f"| {level['median_ttft_ms']:.0f} | {level['p90_ttft_ms']:.0f} | {level['median_itl_ms']:.1f} "
             f"| {level['output_throughput']:.1f} |"
         )

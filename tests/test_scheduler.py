@@ -15,8 +15,10 @@ def request(prompt_len: int = 3, tenant: str = "", weight: float = 1.0) -> Seque
     return Sequence(list(range(1, prompt_len + 1)), SamplingParams(), None, frozenset(), tenant=tenant, weight=weight)
 
 
-def scheduler(slots: int = 2, budget: int = 0, context: tuple[int, ...] = (16, 32), max_waiting: int = 8):
-    return Scheduler(GraphSet(slots, 128, context, (64, 128), token_budget=budget), max_waiting)
+def scheduler(
+    slots: int = 2, budget: int = 0, context: tuple[int, ...] = (16, 32), max_waiting: int = 8, shortest_first=False
+):
+    return Scheduler(GraphSet(slots, 128, context, (64, 128), token_budget=budget), max_waiting, shortest_first)
 
 
 def decoded(sched: Scheduler, seq: Sequence, token: int = 7) -> None:
@@ -146,3 +148,57 @@ def test_admissions_follow_the_tenants_weights():
     order = admissions(sched, 10)  # 40 admissions
     heavy = sum(seq.tenant == "heavy" for seq in order)
     assert len(order) == 40 and abs(heavy - 30) <= 1
+
+
+def prefill_chunks(sched: Scheduler, steps: int) -> list[list[tuple[int, int, int]]]:
+    """Each step's prompt chunks as (prompt length, start, tokens); a finished prompt decodes after."""
+    steps_chunks = []
+    for _ in range(steps):
+        plan = sched.schedule()
+        chunks = zip(plan.prompting, plan.batch.chunks, strict=True)
+        steps_chunks.append([(len(seq.prompt_ids), c.start, len(c.tokens)) for seq, c in chunks])
+        assert sum(c.start > 0 for c in plan.batch.chunks) <= 1, "only one prompt continues per step"
+        for i, seq in enumerate(plan.prompting):
+            if plan.finishes_prompt(i):
+                decoded(sched, seq)
+    return steps_chunks
+
+
+def test_shortest_first_lets_a_short_prompt_go_before_a_long_one_that_arrived_first():
+    arrival, shortest = scheduler(slots=4), scheduler(slots=4, shortest_first=True)  # 32 prompt tokens a step
+    for sched in (arrival, shortest):
+        sched.add(request(prompt_len=100))
+        sched.add(request(prompt_len=10))
+    assert prefill_chunks(arrival, 4) == [
+        [(100, 0, 32)],
+        [(100, 32, 32)],
+        [(100, 64, 32)],
+        [(100, 96, 4), (10, 0, 10)],
+    ]
+    assert prefill_chunks(shortest, 4) == [
+        [(10, 0, 10), (100, 0, 22)],
+        [(100, 22, 32)],
+        [(100, 54, 32)],
+        [(100, 86, 14)],
+    ]
+
+
+def test_shortest_first_moves_only_prompts_that_fit_whole_and_are_shorter_than_what_is_left():
+    sched = scheduler(slots=4, shortest_first=True)
+    sched.add(request(prompt_len=40))
+    sched.add(request(prompt_len=33))  # never fits a step whole: waits its turn
+    assert prefill_chunks(sched, 1) == [[(40, 0, 32)]]
+    sched.add(request(prompt_len=10))  # longer than the 8 tokens the first prompt has left
+    assert prefill_chunks(sched, 2) == [[(40, 32, 8), (33, 0, 24)], [(33, 24, 9), (10, 0, 10)]]
+
+
+def test_shortest_first_passes_over_the_first_in_line_in_at_most_every_other_step():
+    sched = scheduler(slots=8, budget=8 + 32, shortest_first=True)
+    sched.add(request(prompt_len=100))
+    for _ in range(4):
+        sched.add(request(prompt_len=16))
+    assert prefill_chunks(sched, 3) == [
+        [(16, 0, 16), (16, 0, 16)],  # the long prompt goes without in this step ...
+        [(100, 0, 32)],  # ... so it is first in the next
+        [(16, 0, 16), (16, 0, 16)],
+    ]

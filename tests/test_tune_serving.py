@@ -8,11 +8,19 @@ from types import SimpleNamespace
 
 import pytest
 
+from neuron_serve.artifact.graphs import GraphSet
 from neuron_serve.artifact.traffic import HISTOGRAMS, ITL, QUEUE_TIME, TTFT, Binned, TrafficProfile
 from neuron_serve.engine.metrics import LATENCY_BUCKETS
 from neuron_serve.recipe.files import load_recipe
 from neuron_serve.recipe.validation import recipe_errors
-from neuron_serve.tune.serving import Slo, judge, tune_parallelism, tune_prompt_budget, tune_slots
+from neuron_serve.tune.serving import (
+    Slo,
+    judge,
+    tune_parallelism,
+    tune_prefill_order,
+    tune_prompt_budget,
+    tune_slots,
+)
 from neuron_serve.tune.tune import tune
 
 RECIPE = Path(__file__).resolve().parent.parent / "compile" / "smollm2-135m-cpu.toml"
@@ -76,6 +84,38 @@ def test_slow_first_tokens_with_itl_to_spare_and_long_prompts_double_the_prompt_
     assert not tune_prompt_budget(recipe, traffic(ttft=3.0, itl=0.05, prompt=900), Slo())[1].changed
 
 
+def skewed(queue: float = 0.4, itl: float = 0.1, long_share: float = 0.15) -> TrafficProfile:
+    """200 prompts, most of 100 tokens and the rest of 900, beside 8 decoding streams in every step."""
+    profile = traffic(queue=queue, itl=itl)
+    long = int(200 * long_share)
+    lengths = [100] * (200 - long) + [900] * long
+    profile.histograms["request_prompt_tokens"] = binned(HISTOGRAMS["request_prompt_tokens"][1], lengths)
+    profile.histograms["engine_step_decode_rows"] = binned(HISTOGRAMS["engine_step_decode_rows"][1], [8] * 1000)
+    return profile
+
+
+def test_a_queue_and_skewed_prompt_lengths_turn_on_shortest_first_with_room_for_the_median_prompt():
+    recipe = load_recipe(RECIPE)  # 32 slots, a 128-token budget: beside 8 decode rows, a 96-token bucket
+    (ordered, order), (tuned, budget) = tune_prefill_order(recipe, skewed(), Slo())
+    assert (order.field, order.before, order.after) == ("serve.prefill_order", "arrival", "shortest-first")
+    assert "queue time p50 in (0.25, 0.5] s" in order.reason and "p50 <= 112, p90 > 896" in order.reason
+    assert ordered.serve.prefill_order == tuned.serve.prefill_order == "shortest-first"
+    assert (budget.field, budget.before, budget.after) == ("shapes.token_budget", 128, 112 + 8)
+    assert "leaves it a 96-token bucket" in budget.reason
+    assert tuned.shapes.context_buckets == [16, 32, 64, 112, 128], "112 takes 96's place: as many buckets"
+    assert GraphSet.from_shapes(tuned.shapes).prompt_budget(8) == 112 and not recipe_errors(tuned)
+
+
+def test_prefill_order_and_budget_stay_without_a_queue_or_skew_or_with_itl_over_its_objective():
+    recipe = load_recipe(RECIPE)
+    for profile in (skewed(queue=0.0), skewed(long_share=0.0)):
+        ((kept, change),) = tune_prefill_order(recipe, profile, Slo())
+        assert kept == recipe and not change.changed and "prefill order kept" in change.reason
+    (_, order), (tuned, budget) = tune_prefill_order(recipe, skewed(queue=2.0, itl=0.6), Slo(itl_s=0.2))
+    assert order.changed and not budget.changed and "ITL p90 in (0.5, 0.75] s" in budget.reason
+    assert tuned.shapes.token_budget == 128
+
+
 def test_full_slots_and_a_queue_double_the_slots_and_idle_slots_shrink_them():
     recipe = load_recipe(RECIPE)
     busy = traffic(running=32, itl=0.05, queue=2.0)
@@ -111,6 +151,6 @@ def test_latency_to_spare_and_a_queue_add_a_replica_where_there_are_cores():
 def test_tune_reports_every_setting_and_the_result_passes_the_rules():
     result = tune(load_recipe(RECIPE), traffic(running=6, itl=0.6), Slo(itl_s=0.2), config=SMOLLM_HEADS, cores=2)
     fields = [c.field for c in result.changes]
-    assert fields[:3] == ["shapes.context_buckets[-1]", "shapes.batch_size", "serve.workers"]
+    assert fields[:4] == ["shapes.context_buckets[-1]", "shapes.batch_size", "serve.prefill_order", "serve.workers"]
     assert {c.field for c in result.changes if c.changed} >= {"shapes.context_buckets[-1]", "shapes.batch_size"}
     assert not recipe_errors(result.recipe, SMOLLM_HEADS)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # a type only: transformers takes a second to import, and the server's master needs none
-    from transformers import PreTrainedTokenizerBase
+if TYPE_CHECKING:
+    from neuron_serve.engine.tokenizer import TextTokenizer
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, skip_special_tokens: bool = True):
+    def __init__(self, tokenizer: TextTokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.token_ids: list[int] = []

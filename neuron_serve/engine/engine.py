@@ -42,12 +42,20 @@ class StepRecord:
 
 
 class Engine:
-    def __init__(self, runner: Runner, metrics: Metrics, max_waiting: int, kernels: frozenset[str] = frozenset()):
-        """`kernels`: the artifact recipe's enabled kernels; the engine uses "sampling"."""
+    def __init__(
+        self,
+        runner: Runner,
+        metrics: Metrics,
+        max_waiting: int,
+        kernels: frozenset[str] = frozenset(),
+        shortest_first: bool = False,
+    ):
+        """`kernels`: the artifact recipe's enabled kernels; the engine uses "sampling". `shortest_first`:
+        the scheduler's prompt order (``scheduler.py``)."""
         self.runner = runner
         self.metrics = metrics
         self.fused_sampling = "sampling" in kernels
-        self.scheduler = Scheduler(runner.graphs, max_waiting)
+        self.scheduler = Scheduler(runner.graphs, max_waiting, shortest_first)
         self.steps: collections.deque[StepRecord] = collections.deque(maxlen=STEP_RECORDS)
         self.condition = threading.Condition()
         self.stopped = False

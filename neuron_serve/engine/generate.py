@@ -14,8 +14,8 @@ from neuron_serve.engine.metrics import Metrics
 from neuron_serve.engine.sampler import SamplingParams
 from neuron_serve.engine.sequence import Finished, Sequence
 
-if TYPE_CHECKING:  # a type only: transformers takes a second to import, and the server's master needs none
-    from transformers import PreTrainedTokenizerBase
+if TYPE_CHECKING:
+    from neuron_serve.engine.tokenizer import TextTokenizer
 
 
 @dataclass
@@ -33,7 +33,7 @@ class GenerationStats:
 
 def generate(
     runner: Runner,
-    tokenizer: PreTrainedTokenizerBase,
+    tokenizer: TextTokenizer,
     prompt_ids: list[int],
     params: SamplingParams,
     eos_ids: frozenset[int],

@@ -16,6 +16,14 @@ Waiting requests are admitted by start-time fair queueing over their tenants (Go
 A tenant that floods the queue only pushes its own tags out: another tenant's next request is
 admitted after at most one admission per other tenant waiting (weighted), not behind the flood.
 
+With ``shortest_first`` (the recipe's ``serve.prefill_order = "shortest-first"``), prompts that fit whole
+in what is left of a step's prompt budget, and are shorter than what the first in line (the prompt being
+prefilled, else the queue's head) still has to run, go before it: shortest remaining prompt first,
+which minimises the mean time to first token when prompt lengths are skewed. They come from the queue in
+tag order, whole, so only the first in line or the last prompt of a step is ever cut. The first in line
+is passed over in at most every other step: a long prompt is at most twice as slow to prefill, never
+starved by a stream of short ones.
+
 The lowest free slot keeps busy slots low, so a step's decode rows (up to its highest decoding slot)
 stay near the number of streams without moving any cache row.
 """
@@ -51,8 +59,10 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, graphs: GraphSet, max_waiting: int):
+    def __init__(self, graphs: GraphSet, max_waiting: int, shortest_first: bool = False):
         self.graphs = graphs
+        self.shortest_first = shortest_first
+        self.passed_over: Sequence | None = None  # the first in line that the last step went without
         self.slots: list[Sequence | None] = [None] * graphs.batch_size
         self.waiting: list[tuple[float, int, Sequence]] = []  # a heap of (tag, arrival, request)
         self.prefilling: list[Sequence] = []  # in slots, prompt not all in the cache; arrival order
@@ -83,18 +93,51 @@ class Scheduler:
         )
         plan = StepPlan(batch, decoding, [])
         budget = self.graphs.prompt_budget(len(decoding))
-        started = list(self.prefilling)
+        first = self._first_in_line()
+        if self.shortest_first and first is not None and first is not self.passed_over:
+            budget = self._shorter_first(plan, budget, len(first.prompt_ids) - first.prompt_computed)
+        started = [s for s in self.prefilling if s.prompt_computed < len(s.prompt_ids)]
         while budget > 0 and len(plan.prompting) < self.graphs.max_prompts:
             seq = started.pop(0) if started else self._admit(plan)
             if seq is None:
                 break
-            start = seq.prompt_computed
-            tokens = seq.prompt_ids[start : start + budget]
-            seq.prompt_computed += len(tokens)
-            batch.chunks.append(PromptChunk(seq.slot, start, tokens))
-            plan.prompting.append(seq)
-            budget -= len(tokens)
+            budget -= self._add_chunk(plan, seq, budget)
+        self.passed_over = first if plan.prompting and first not in plan.prompting else None
         return plan
+
+    def _first_in_line(self) -> Sequence | None:
+        """The prompt being prefilled (at most one, cut by the last step), else the queue's head."""
+        if self.prefilling:
+            return self.prefilling[0]
+        return self.waiting[0][2] if self.waiting else None
+
+    def _shorter_first(self, plan: StepPlan, budget: int, first_left: int) -> int:
+        """Admit waiting prompts, in tag order, that fit whole in `budget` and are shorter than the
+        `first_left` tokens the first in line has to run; returns the budget left."""
+        while len(plan.prompting) < self.graphs.max_prompts and None in self.slots:
+            fits = min(budget, first_left - 1)
+            entry = min((e for e in self.waiting if len(e[2].prompt_ids) <= fits), default=None)
+            if entry is None:
+                return budget
+            self.waiting.remove(entry)
+            heapq.heapify(self.waiting)
+            seq = entry[2]
+            if seq.cancelled.is_set():
+                plan.cancelled.append(seq)
+                continue
+            self._take_slot(seq)
+            budget -= self._add_chunk(plan, seq, budget)
+        return budget
+
+    @staticmethod
+    def _add_chunk(plan: StepPlan, seq: Sequence, budget: int) -> int:
+        """The next `budget` tokens (at most) of `seq`'s prompt go into the step; returns how many."""
+        start = seq.prompt_computed
+        tokens = seq.prompt_ids[start : start + budget]
+        seq.prompt_computed += len(tokens)
+        plan.batch.chunks.append(PromptChunk(seq.slot, start, tokens))
+        plan.prompting.append(seq)
+        return len(tokens)
 
     def _admit(self, plan: StepPlan) -> Sequence | None:
         """The waiting request with the smallest tag that is still wanted, in the lowest free slot; None when
@@ -105,11 +148,14 @@ class Scheduler:
             if seq.cancelled.is_set():
                 plan.cancelled.append(seq)
                 continue
-            seq.slot = self.slots.index(None)
-            self.slots[seq.slot] = seq
-            self.prefilling.append(seq)
+            self._take_slot(seq)
             return seq
         return None
+
+    def _take_slot(self, seq: Sequence) -> None:
+        seq.slot = self.slots.index(None)
+        self.slots[seq.slot] = seq
+        self.prefilling.append(seq)
 
     def prompt_done(self, seq: Sequence) -> None:
         """`seq`'s prompt is all in the cache: it decodes from the next step on."""

@@ -15,8 +15,8 @@ from neuron_serve.engine.detokenizer import IncrementalDetokenizer
 from neuron_serve.engine.sampler import SamplingParams, new_generator
 from neuron_serve.engine.stop_strings import StopStringFilter
 
-if TYPE_CHECKING:  # a type only: transformers takes a second to import, and the server's master needs none
-    from transformers import PreTrainedTokenizerBase
+if TYPE_CHECKING:
+    from neuron_serve.engine.tokenizer import TextTokenizer
 
 _ids = itertools.count()
 
@@ -41,7 +41,7 @@ class Finished:
 class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer: TextTokenizer
     eos_ids: frozenset[int]
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     arrival: float = field(default_factory=time.perf_counter)

@@ -112,6 +112,9 @@ class CompilerSection:
     extra_flags: list[str] = field(default_factory=list)
 
 
+PREFILL_ORDERS = ("arrival", "shortest-first")
+
+
 @dataclass
 class ServeSection:
     host: str = "127.0.0.1"  # an open endpoint is opted into (serve --host), never a default
@@ -121,6 +124,7 @@ class ServeSection:
     max_tokens_default: int = 256
     max_tokens_cap: int = 0  # the most tokens one request may ask for; 0 = what the context leaves
     graceful_timeout_s: int = 30
+    prefill_order: str = "arrival"  # or "shortest-first" (engine/scheduler.py says how it orders prompts)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from neuron_serve.recipe.schema import (
     INT4_GROUP_SIZES,
     MODEL_TYPES,
     OPTLEVELS,
+    PREFILL_ORDERS,
     QUANTIZATION_METHODS,
     CompilerSection,
     HeadCounts,
@@ -260,6 +261,8 @@ def _check_serve(errors: list[str], s: ServeSection) -> None:
             f"got {s.max_tokens_default}"
         )
     _at_least(errors, "serve.graceful_timeout_s", s.graceful_timeout_s, 0)
+    if s.prefill_order not in PREFILL_ORDERS:
+        errors.append(f"serve.prefill_order: must be one of {', '.join(PREFILL_ORDERS)}, got {s.prefill_order!r}")
 
 
 def recipe_errors(recipe: Recipe, model_config: HeadCounts | None = None) -> list[str]:

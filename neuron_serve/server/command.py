@@ -188,6 +188,7 @@ def _model_settings(
         usage_log=args.usage_log,
         placement=cores,
         forward_start_method=start_method,
+        prefill_order=section.prefill_order,
     )
 
 

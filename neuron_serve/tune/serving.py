@@ -10,6 +10,11 @@ evidence either way):
   TTFT over the objective, ITL well within it and prompts longer than the budget: double it.
 - **Slots** (``batch_size``): full slots and a queue, with ITL within the objective: double them, if
   their KV cache fits. Slots never half used: shrink them to the concurrency seen, which frees memory.
+- **Prefill order**: requests that queued for over a step while prompt lengths were skewed (the p90
+  prompt at least `SKEWED` times the median) go shortest-first (``engine/scheduler.py``), which minimises
+  the mean wait when lengths vary; a short prompt only goes first if it fits whole in a step, so the
+  token budget grows, if it must, until the median prompt fits beside the usual decode rows. Needs no
+  objective, unless ITL is over one (then the budget stays).
 - **TP vs replicas** (`plan`'s rule): ITL over the objective with no prompt chunks to blame needs more
   TP degree (decode reads each rank's share of the weights); latency well within the objective and a
   queue needs another replica. Each only where the heads divide and the host or instance has the cores.
@@ -20,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from neuron_serve.artifact.graphs import GraphSet
 from neuron_serve.artifact.traffic import ITL, LENGTH_STEP, QUEUE_TIME, TTFT, Binned, TrafficProfile
 from neuron_serve.backends.registry import backend_for
 from neuron_serve.model.config import ModelConfig
@@ -29,6 +35,7 @@ from neuron_serve.recipe.validation import check_heads
 HEADROOM = 0.5  # "well within": at most half the objective, so that the change cannot push it over
 PROMPT_BUDGET = "shapes.context_buckets[-1]"  # the largest context bucket: a step's most prompt tokens
 PROMPT_STEP_SHARE = 0.1  # of the steps: fewer prompt-carrying steps cannot explain a missed ITL
+SKEWED = 4  # p90 prompt / median prompt: lengths this uneven make the order of prefills matter
 
 
 @dataclass(frozen=True)
@@ -141,6 +148,49 @@ def tune_prompt_budget(recipe: Recipe, profile: TrafficProfile, slo: Slo) -> tup
         )
         return _prompt_budget_recipe(recipe, larger), Change(field, largest, larger, reason)
     return recipe, Change(field, largest, largest, f"prompt budget kept: {itl.figure}; {ttft.figure}")
+
+
+def tune_prefill_order(recipe: Recipe, profile: TrafficProfile, slo: Slo) -> list[tuple[Recipe, Change]]:
+    """Shortest-first when requests queued and prompt lengths were skewed, and then the token budget
+    the median prompt needs to fit whole in a step beside the p99 decode rows."""
+    h, before = profile.histograms, recipe.serve.prefill_order
+    prompts, queued = h["request_prompt_tokens"], judge_queue(profile)
+    if not prompts.observations:
+        return [(recipe, Change("serve.prefill_order", before, before, "no prompts observed"))]
+    (_, median), (p90, _) = prompts.quantile_bounds(0.5), prompts.quantile_bounds(0.9)
+    lengths = f"prompt tokens p50 <= {median:g}, p90 > {p90:g}"
+    if queued.verdict != "over" or p90 < SKEWED * median:
+        reason = f"prefill order kept: {queued.figure}; {lengths}, not {SKEWED}x apart with a queue"
+        return [(recipe, Change("serve.prefill_order", before, before, reason))]
+    reason = f"{queued.figure}; {lengths}: short prompts go before long ones"
+    order = dataclasses.replace(recipe, serve=dataclasses.replace(recipe.serve, prefill_order="shortest-first"))
+    return [(order, Change("serve.prefill_order", before, "shortest-first", reason)), _median_fits(order, h, slo)]
+
+
+def _median_fits(recipe: Recipe, h: dict[str, Binned], slo: Slo) -> tuple[Recipe, Change]:
+    """The token budget at which the median prompt fits whole in a step beside the p99 decode rows,
+    with a context bucket of its length (its bin's bound) in place of the next smaller one, so that it
+    pads no more than a bin and the recipe keeps its number of buckets."""
+    s, field = recipe.shapes, "shapes.token_budget"
+    graphs, median = GraphSet.from_shapes(s), int(h["request_prompt_tokens"].quantile(0.5))
+    rows, largest = int(h["engine_step_decode_rows"].quantile(0.99)), max(s.context_buckets)
+    seen = f"the median prompt (<= {median} tokens) beside {rows} decode rows (p99)"
+    if graphs.prompt_budget(rows) >= median:
+        return recipe, Change(field, s.token_budget, s.token_budget, f"token budget kept: it takes {seen}")
+    itl = judge(h.get(ITL), 0.9, slo.itl_s, "ITL")
+    if median > largest or itl.verdict == "over":
+        why = f"it is over the largest context bucket ({largest})" if median > largest else itl.figure
+        return recipe, Change(field, s.token_budget, s.token_budget, f"token budget kept for {seen}: {why}")
+    smaller = [b for b in s.context_buckets if b < median]
+    buckets = sorted({*s.context_buckets} - {max(smaller, default=median)} | {median})
+    budget, left = median + rows, graphs.prompt_budget(rows)
+    reason = (
+        f"{seen} needs two steps: a {graphs.token_budget}-token budget leaves it a {left}-token bucket; "
+        f"context buckets {list(s.context_buckets)} -> {buckets}"
+    )
+    return _with_shapes(recipe, token_budget=budget, context_buckets=buckets), Change(
+        field, s.token_budget, budget, reason
+    )
 
 
 def _memory_short(recipe: Recipe, config: HeadCounts | None, added: int) -> str:

@@ -1,9 +1,10 @@
 """`neuron-serve tune`: a recipe changed to fit the traffic a deployment served, each change with its reasons.
 
-First the serving settings, judged against a latency objective (``serving.py``): the prompt budget,
-the slots, TP degree vs replicas. Then each bucket ladder is fitted exactly (``buckets.py``) to the
-histogram of what it buckets (``artifact/traffic.py``), with at most as many buckets as the recipe
-has, so the tuned recipe compiles no more graphs:
+First the serving settings (``serving.py``): the prompt budget, the slots, the prefill order, TP
+degree vs replicas, each judged from latencies (against an objective where one is given). Then each
+bucket ladder is fitted exactly (``buckets.py``) to the histogram of what it buckets
+(``artifact/traffic.py``), with at most as many buckets as the recipe has, so the tuned recipe
+compiles no more graphs:
 
 - context buckets to the prompt tokens of each engine step (up to the largest context bucket, which
   sets the step's prompt budget and stays);
@@ -41,6 +42,7 @@ from neuron_serve.tune.serving import (
     Slo,
     host_cores,
     tune_parallelism,
+    tune_prefill_order,
     tune_prompt_budget,
     tune_slots,
 )
@@ -167,9 +169,17 @@ def tune(
     else:
         result.apply(*tune_prompt_budget(result.recipe, profile, slo), config)
         result.apply(*tune_slots(result.recipe, profile, slo, config), config)
+        for trial, change in tune_prefill_order(result.recipe, profile, slo):  # at the slots tune left
+            result.apply(trial, change, config)
         cores = cores or host_cores(recipe)
         result.apply(*tune_parallelism(result.recipe, profile, slo, config, cores), config)
+    budget_changed = _prompt_room(result.recipe) != _prompt_room(recipe)
     for ladder in LADDERS:
+        if ladder.field == "context_buckets" and budget_changed:
+            buckets = tuple(result.recipe.shapes.context_buckets)
+            reason = "the prompt budget changed above: the steps' prompt tokens, cut to the old one, are no evidence"
+            result.changes.append(Change(f"shapes.{ladder.field}", buckets, buckets, reason))
+            continue
         change = refit(result.recipe, profile, ladder)
         result.apply(_ladder_recipe(result.recipe, change), change, config)
     if device is not None:
@@ -180,6 +190,12 @@ def tune(
             result.apply(trial, change, config)
     result.warnings = _warnings(recipe, profile)
     return result
+
+
+def _prompt_room(recipe: Recipe) -> tuple[int, list[int]]:
+    """What a step leaves for prompts beside a full batch of decodes, and the buckets it is cut into."""
+    graphs = GraphSet.from_shapes(recipe.shapes)
+    return graphs.token_budget - graphs.batch_size, list(graphs.context_buckets)
 
 
 def _warnings(recipe: Recipe, profile: TrafficProfile) -> list[str]:
