@@ -9,8 +9,10 @@ streaming ``/v1/completions`` through `neuron-serve bench` in a closed loop. The
 profile (``POST /admin/traffic``) is copied to ``profiles/<name>/``, ``neuron-serve profile`` writes the
 device profile of the graphs it ran beside it, and ``neuron-serve tune`` (with ``--slo`` when given)
 writes the tuned recipe there too, as ``<name>-tuned.toml``; its compile reuses the cached weight shards.
-Each server's padding comes from its own ``/metrics`` (prompt tokens run per padded token slot of the
-step graph's prompt buckets). The table is printed and written to ``--output/tune-loop.md``.
+Each server's padding comes from its own ``/metrics`` (the step graph's padded token slots: of its
+prompt buckets, and of its decode rows) and from its own traffic profile (the KV positions past each
+step's KV length, up to its recipe's KV bucket). The table is printed and written to
+``--output/tune-loop.md``.
 """
 
 from __future__ import annotations
@@ -26,10 +28,13 @@ from pathlib import Path
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from neuron_serve.artifact.graphs import GraphSet
+from neuron_serve.artifact.traffic import TrafficProfile
 from neuron_serve.bench.tokenizer import load_tokenizer
 from neuron_serve.bench.workload import corpus_token_ids, exact_length_text, load_corpus
 from neuron_serve.compiler.compile import compile_recipe
 from neuron_serve.recipe.files import dumps_recipe, load_recipe
+from neuron_serve.tune.buckets import padding_of
 from tests.server_handle import ServerHandle
 
 SHORT, LONG, LONG_SHARE, OUTPUT_TOKENS = 100, 900, 0.15, 32
@@ -49,16 +54,26 @@ def skewed_dataset(tokenizer: Path, count: int, path: Path, seed: int = 0) -> No
     path.write_text("\n".join(rows) + "\n")
 
 
-def prompt_padding(server: ServerHandle) -> tuple[float, float]:
-    """(real, padded) prompt token slots of the step graph, from the server's /metrics."""
+def bucket_padding(server: ServerHandle) -> dict[str, tuple[float, float]]:
+    """(real, padded) token slots of the step graph's prompt buckets and of its decode rows, from the
+    server's /metrics."""
     text = requests.get(f"{server.base_url}/metrics", timeout=10).text
-    totals = {"real": 0.0, "padded": 0.0}
+    totals = {part: {"real": 0.0, "padded": 0.0} for part in ("prompt", "decode")}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            for kind in totals:
-                if sample.name == f"neuron_serve:bucket_{kind}_tokens_total" and "prompt" in sample.labels["bucket"]:
-                    totals[kind] += sample.value
-    return totals["real"], totals["padded"]
+            for kind in ("real", "padded"):
+                if sample.name == f"neuron_serve:bucket_{kind}_tokens_total":
+                    part = "prompt" if "prompt" in sample.labels["bucket"] else "decode"
+                    totals[part][kind] += sample.value
+    return {part: (t["real"], t["padded"]) for part, t in totals.items()}
+
+
+def kv_padding(profile: Path, recipe) -> tuple[int, int]:
+    """(real, padded) KV positions of the steps `profile` counted (each step's KV length at its
+    histogram bin's bound, as `tune` counts them), in `recipe`'s KV buckets."""
+    lengths = TrafficProfile.read(profile).histograms["engine_step_kv_length"].by_length()
+    fit = padding_of(lengths, GraphSet.from_shapes(recipe.shapes).token_buckets)
+    return fit.padded_tokens - fit.wasted_tokens, fit.padded_tokens
 
 
 def run(artifacts: Path, dataset: Path, args: argparse.Namespace, label: str) -> dict:
@@ -71,11 +86,11 @@ def run(artifacts: Path, dataset: Path, args: argparse.Namespace, label: str) ->
         command += ["--concurrency", str(args.concurrency), "--num-prompts", str(args.requests)]
         subprocess.run([*command, "--output", str(out), "--no-progress"], check=True, stdout=subprocess.DEVNULL)
         level = json.loads((out / "results.json").read_text())["levels"][0]
-        real, padded = prompt_padding(server)
+        padding = bucket_padding(server)
         profile = Path(requests.post(f"{server.base_url}/admin/traffic", timeout=30).json()["path"])
     finally:
         server.stop()
-    return {"level": level, "real": real, "padded": padded, "profile": profile}
+    return {"level": level, "padding": padding, "profile": profile}
 
 
 def tuned_recipe(recipe_path: Path, artifacts: Path, profile: Path, name: str, slo: str) -> Path:
@@ -96,18 +111,23 @@ def tuned_recipe(recipe_path: Path, artifacts: Path, profile: Path, name: str, s
     return out
 
 
+def _share(real: float, padded: float) -> str:
+    return f"{1 - real / padded:.1%}" if padded else "–"
+
+
 def table(recipes: list, results: list[dict]) -> str:
     lines = [
         "| recipe | slots | token budget | prefill order | context buckets | KV buckets | batch buckets "
-        "| prompt padding | TTFT p50 ms | TTFT p90 ms | ITL p50 ms | output tok/s |",
-        "|" + " --- |" * 12,
+        "| padding: prompt tokens | decode rows | KV positions | TTFT p50 ms | TTFT p90 ms | ITL p50 ms "
+        "| output tok/s |",
+        "|" + " --- |" * 14,
     ]
     for recipe, r in zip(recipes, results, strict=True):
-        s, level = recipe.shapes, r["level"]
-        waste = 1 - r["real"] / r["padded"] if r["padded"] else 0.0
+        s, level, padding = recipe.shapes, r["level"], r["padding"]
         lines.append(
             f"| {recipe.name} | {s.batch_size} | {s.token_budget} | {recipe.serve.prefill_order} "
-            f"| {s.context_buckets} | {s.token_buckets} | {s.batch_buckets} | {waste:.1%} "
+            f"| {s.context_buckets} | {s.token_buckets} | {s.batch_buckets} | {_share(*padding['prompt'])} "
+            f"| {_share(*padding['decode'])} | {_share(*kv_padding(r['profile'], recipe))} "
             f"| {level['median_ttft_ms']:.0f} | {level['p90_ttft_ms']:.0f} | {level['median_itl_ms']:.1f} "
             f"| {level['output_throughput']:.1f} |"
         )

@@ -13,8 +13,9 @@ evidence either way):
 - **Prefill order**: requests that queued for over a step while prompt lengths were skewed (the p90
   prompt at least `SKEWED` times the median) go shortest-first (``engine/scheduler.py``), which minimises
   the mean wait when lengths vary; a short prompt only goes first if it fits whole in a step, so the
-  token budget grows, if it must, until the median prompt fits beside the usual decode rows. Needs no
-  objective, unless ITL is over one (then the budget stays).
+  token budget grows, if it must, until the median prompt fits beside the usual decode rows, and the
+  median's length becomes the largest context bucket. Needs no objective, unless ITL is over one
+  (then the budget stays).
 - **TP vs replicas** (`plan`'s rule): ITL over the objective with no prompt chunks to blame needs more
   TP degree (decode reads each rank's share of the weights); latency well within the objective and a
   queue needs another replica. Each only where the heads divide and the host or instance has the cores.
@@ -71,19 +72,23 @@ class Judged:
     figure: str
 
 
-def judge(histogram: Binned | None, q: float, objective: float | None, label: str, limit: float = 1.0) -> Judged:
-    """Whether `label`'s q-quantile is over the objective or within `limit` x the objective."""
+def judge(
+    histogram: Binned | None, q: float, objective: float | None, label: str, limit: float = 1.0, against: str = ""
+) -> Judged:
+    """Whether `label`'s q-quantile is over the objective or within `limit` x the objective; `against`
+    names the objective in the figure when it is not one the user gave."""
     if histogram is None or not histogram.observations:
         return Judged("unclear", f"no {label} observed")
     low, high = histogram.quantile_bounds(q)
     figure = f"{label} p{q * 100:g} in ({low:g}, {high:g}] s"
     if objective is None:
         return Judged("unclear", f"{figure}, no objective given")
+    goal = f"the {objective:g} s {against or 'objective'}"
     if low >= objective:
-        return Judged("over", f"{figure}, over the {objective:g} s objective")
+        return Judged("over", f"{figure}, over {goal}")
     if high <= limit * objective:
-        return Judged("within", f"{figure}, within {limit:g} x the {objective:g} s objective")
-    return Judged("unclear", f"{figure}, not clearly either side of {limit:g} x the {objective:g} s objective")
+        return Judged("within", f"{figure}, within {limit:g} x {goal}")
+    return Judged("unclear", f"{figure}, not clearly either side of {limit:g} x {goal}")
 
 
 def judge_queue(profile: TrafficProfile) -> Judged:
@@ -91,7 +96,7 @@ def judge_queue(profile: TrafficProfile) -> Judged:
     every request waits up to a step for the next step boundary."""
     itl = profile.histograms.get(ITL)
     step = itl.quantile_bounds(0.5)[1] if itl and itl.observations else None
-    return judge(profile.histograms.get(QUEUE_TIME), 0.5, step, "queue time")
+    return judge(profile.histograms.get(QUEUE_TIME), 0.5, step, "queue time", against="step (ITL p50's bound)")
 
 
 @dataclass(frozen=True)
@@ -169,8 +174,8 @@ def tune_prefill_order(recipe: Recipe, profile: TrafficProfile, slo: Slo) -> lis
 
 def _median_fits(recipe: Recipe, h: dict[str, Binned], slo: Slo) -> tuple[Recipe, Change]:
     """The token budget at which the median prompt fits whole in a step beside the p99 decode rows,
-    with a context bucket of its length (its bin's bound) in place of the next smaller one, so that it
-    pads no more than a bin and the recipe keeps its number of buckets."""
+    with a context bucket of the median's length (its bin's bound) as the largest: a bucket above it
+    could never fill beside those rows."""
     s, field = recipe.shapes, "shapes.token_budget"
     graphs, median = GraphSet.from_shapes(s), int(h["request_prompt_tokens"].quantile(0.5))
     rows, largest = int(h["engine_step_decode_rows"].quantile(0.99)), max(s.context_buckets)
@@ -181,8 +186,7 @@ def _median_fits(recipe: Recipe, h: dict[str, Binned], slo: Slo) -> tuple[Recipe
     if median > largest or itl.verdict == "over":
         why = f"it is over the largest context bucket ({largest})" if median > largest else itl.figure
         return recipe, Change(field, s.token_budget, s.token_budget, f"token budget kept for {seen}: {why}")
-    smaller = [b for b in s.context_buckets if b < median]
-    buckets = sorted({*s.context_buckets} - {max(smaller, default=median)} | {median})
+    buckets = [b for b in s.context_buckets if b < median] + [median]
     budget, left = median + rows, graphs.prompt_budget(rows)
     reason = (
         f"{seen} needs two steps: a {graphs.token_budget}-token budget leaves it a {left}-token bucket; "
