@@ -81,3 +81,8 @@ def test_a_tokenizer_that_needs_transformers_is_loaded_with_it(tiny_dir, tmp_pat
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     (tmp_path / "chat_template.jinja").write_text("{% generation %}{{ messages[0]['content'] }}{% endgeneration %}")
     assert not isinstance(load_tokenizer(tmp_path), PlainTokenizer)
+    (tmp_path / "chat_template.jinja").unlink()  # transformers 4.x: named templates in the config
+    named = [{"name": "default", "template": (tiny_dir / "chat_template.jinja").read_text()}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": named}))
+    tokenizer = load_tokenizer(tmp_path)
+    assert not isinstance(tokenizer, PlainTokenizer) and tokenizer.eos_token_id is not None

@@ -84,6 +84,7 @@ def load_tokenizer(directory: Path) -> TextTokenizer:
         (directory / "tokenizer.json").is_file()
         and config.get("tokenizer_class") in PLAIN_CLASSES
         and not config.get("clean_up_tokenization_spaces")
+        and (template is None or isinstance(template, str))  # 4.x could save a list of named templates
     )
     if plain:
         try:
