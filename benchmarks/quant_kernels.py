@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from neuron_serve.model import quant_ops
+from neuron_serve.model import cpu_kernels, quant_ops
 from neuron_serve.model.linear import Linear
 from neuron_serve.model.quantization import QuantSpec, quantize_weight
 
@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.manual_seed(0)
-    quant_ops.load_int8_weight_kernel()
+    cpu_kernels.load()
     layers = [[[torch.randn(n, k) * 0.02 for n, k in group] for group in GROUPS] for _ in range(LAYERS)]
     flat = [w for layer in layers for group in layer for w in group]
     grouped = [group for layer in layers for group in layer]

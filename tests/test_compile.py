@@ -135,6 +135,28 @@ def test_a_manifest_is_read_typed_and_only_its_structure_is_checked(tiny_artifac
         read_manifest(copy)
 
 
+def test_an_artifact_of_another_format_is_refused_with_what_to_do(tiny_artifacts, tmp_path):
+    """A format-1 graph read the decode rows' KV bucket, which this runner no longer passes."""
+    copy = tmp_path / "old"
+    copy.mkdir()
+    data = json.loads((tiny_artifacts / "manifest.json").read_text())
+    data["format"] = 1
+    (copy / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(CorruptArtifactError, match="artifact format 1, this neuron-serve reads format 2: compile"):
+        read_manifest(copy)
+
+
+def test_decode_only_steps_run_the_package_decode_graph(tiny_artifacts):
+    aot, _ = open_runner(tiny_artifacts)
+    assert aot.exact_decode_keys and aot.decode_package is not None
+    calls = []
+    run_decode = aot.run_decode
+    aot.run_decode = lambda inputs: calls.append(inputs[0].shape[0]) or run_decode(inputs)
+    for batch in steps():
+        aot.step(batch)
+    assert calls == [4, 1]  # the two steps without prompts, at their batch buckets
+
+
 def test_auto_precision_is_chosen_at_compile_time_and_recorded(tmp_path):
     result = compile_recipe(tiny_recipe(**{"model.dtype": "auto", "compiler.cpu_mode": "eager"}), tmp_path / "auto")
     chosen, _ = cpu_dtype(cpu_flags())

@@ -8,7 +8,8 @@ from conftest import eager_runner
 from hf_reference import hf_logits, hf_model
 
 from neuron_serve.backends.base import run_decode, run_prompt
-from neuron_serve.model.step import StepBatch
+from neuron_serve.model.llama import LlamaModel
+from neuron_serve.model.step import PromptChunk, StepBatch
 from neuron_serve.weights.loader import build_model, load_model_files
 from neuron_serve.weights.tiny import write_tiny_model
 
@@ -87,6 +88,31 @@ def test_batch_bucketed_decode_matches_full_batch_decode(tiny_loaded):
         theirs = full.step(StepBatch(slots, tokens, positions))
         assert (ours.logits - theirs.logits).abs().max() < 1e-5
         assert ours.uses[0].padded == (8 if 4 in slots else 2) and theirs.uses[0].padded == 8
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_decode_reading_its_own_positions_matches_the_masked_kv_bucket(tiny_loaded, tmp_path, kv_heads):
+    """The CPU's decode attention operator (each slot reads its cached positions 0..p-1) against the
+    torch ops every other device traces (the whole KV bucket, masked): the same logits for slots at
+    position 0, inside the smallest bucket and past it, beside a continued prompt and alone."""
+    loaded = load_model_files(str(write_tiny_model(tmp_path / "tiny", num_key_value_heads=kv_heads)))
+    exact = build_model(loaded, 128)
+    masked = LlamaModel(loaded.config, 128, kernel_device="neuron")  # no kernels: nki is not imported
+    masked.load_state_dict(exact.state_dict())
+    assert exact.exact_decode_keys and not masked.exact_decode_keys
+    runners = [eager_runner(m, 4, context_buckets=[16, 32], token_buckets=[32, 128]) for m in (exact, masked)]
+    prompts = {0: list(range(3, 40)), 1: [7, 8, 9], 2: list(range(50, 110)), 3: [4]}
+    for runner in runners:
+        for slot, prompt in list(prompts.items())[:3]:
+            run_prompt(runner, prompt, slot)
+    steps = [
+        StepBatch([0, 1, 2], [5, 6, 7], [37, 3, 60]),
+        StepBatch([0, 2], [8, 9], [38, 61], [PromptChunk(3, 0, prompts[3])]),
+        StepBatch([1, 3], [10, 11], [4, 1], [PromptChunk(0, 39, list(range(30)))]),
+    ]
+    for step in steps:
+        ours, theirs = (runner.step(step).logits for runner in runners)
+        assert (ours - theirs).abs().max() < 1e-5, step
 
 
 def test_chunked_prefill_matches_unchunked(tiny_loaded):

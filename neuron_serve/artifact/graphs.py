@@ -15,6 +15,7 @@ counted where the bucket is chosen (`GraphUse`).
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from dataclasses import dataclass
 
 from neuron_serve.model.step import PromptChunk, StepBatch, StepShape
@@ -93,6 +94,13 @@ class GraphSet:
         if batch.chunks:
             uses.append(GraphUse(f"{STEP}_prompt_{prompt_tokens}", batch.prompt_tokens, prompt_tokens))
         return shape, uses
+
+    def exact_decode_shape(self, batch: StepBatch, shape: StepShape) -> StepShape:
+        """`shape` for a graph whose decode rows read exactly their own cached positions (the CPU's
+        decode attention, `LlamaModel.exact_decode_keys`): its KV bucket need only hold the continued
+        prompt's cached tokens. `shape`'s own bucket still names the step's use of the target's graphs."""
+        cached = batch.continued.start if batch.continued else 0
+        return dataclasses.replace(shape, kv_len=_bucket(self.token_buckets, max(cached, 1)))
 
     def compiled_shapes(self) -> list[StepShape]:
         """A static graph set's graphs: decode-only steps (one pad prompt token) per batch and KV

@@ -24,7 +24,9 @@ from neuron_serve.recipe.files import recipe_structure
 from neuron_serve.recipe.schema import Recipe, RecipeError
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+# 2: a cpu graph's decode rows read their own cached positions, whatever KV bucket the step names
+# (`GraphSet.exact_decode_shape`); a format-1 graph read the bucket, and the runner no longer passes it.
+FORMAT_VERSION = 2
 
 
 class CorruptArtifactError(ValueError):
@@ -97,9 +99,15 @@ def read_manifest(directory: Path) -> ArtifactManifest:
     if not path.exists():
         raise FileNotFoundError(f"{directory} is not an artifact directory: {MANIFEST} is missing")
     try:
-        return ArtifactManifest.from_json(path.read_text())
+        manifest = ArtifactManifest.from_json(path.read_text())
     except (json.JSONDecodeError, TypeError, KeyError, RecipeError) as error:
         raise CorruptArtifactError(f"{path}: unreadable manifest ({error})") from None
+    if manifest.format != FORMAT_VERSION:
+        raise CorruptArtifactError(
+            f"{path}: artifact format {manifest.format}, this neuron-serve reads format {FORMAT_VERSION}: "
+            f"compile the recipe again (neuron-serve compile)"
+        )
+    return manifest
 
 
 def verify_files(directory: Path, manifest: ArtifactManifest, names: list[str] | None = None) -> None:

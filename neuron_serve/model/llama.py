@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import nki_kernels
+from neuron_serve.model import cpu_kernels
 from neuron_serve.model.config import ModelConfig
 from neuron_serve.model.kv_cache import KVCache
 from neuron_serve.model.linear import Linear
@@ -131,6 +132,17 @@ class Attention(nn.Module):
         out = torch.matmul(probs[..., :lk], v_cache) + probs[..., lk:] * v.reshape(s, self.n_kv_heads, 1, hd)
         return out.reshape(s, 1, -1)
 
+    def attend_decode_cached(self, q, k, v, k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int, positions):
+        """`attend_decode` by the CPU's decode_attention operator (``cpu_kernels.py``): each slot reads
+        exactly its cached positions 0..position-1 of `layer` in the whole cache [layers, slots,
+        kv_heads, max_seq_len, hd], no KV bucket, no mask."""
+        s, _, _, hd = q.shape
+        k, v = (x.reshape(s, self.n_kv_heads, hd) for x in (k, v))
+        out = torch.ops.neuron_serve.decode_attention(
+            q.reshape(s, self.n_heads, hd), k, v, k_cache, v_cache, layer, positions, hd**-0.5
+        )
+        return out.reshape(s, 1, -1)
+
     def attend_decode_fused(self, q, k, v, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor):
         """`attend_decode` with the decode_attention kernel: it attends each slot's cached keys
         0..position-1 and returns their log-sum-exp, and this step's own key (not in the cache yet)
@@ -146,6 +158,12 @@ class Attention(nn.Module):
         own_value = v.reshape(s, self.n_kv_heads, 1, hd).expand(-1, -1, q.shape[2], -1).reshape(s, -1, hd)
         out = torch.lerp(cached.float(), own_value.float(), weight).to(v.dtype)
         return out.reshape(s, 1, -1)
+
+
+def reads_exact_decode_keys(kernels: frozenset[str], kernel_device: str) -> bool:
+    """Whether a model's decode rows attend through the CPU's decode_attention operator, which reads
+    each slot's own cached positions: then a step's KV bucket need only hold a continued prompt's."""
+    return kernel_device == "cpu" and "decode_attention" not in kernels
 
 
 def masked_score(dtype: torch.dtype) -> float:
@@ -220,6 +238,9 @@ class LlamaModel(nn.Module):
         self.max_seq_len = max_seq_len
         self.tp = tp or TensorParallel()
         self.kernels = frozenset(kernels)
+        self.exact_decode_keys = reads_exact_decode_keys(self.kernels, kernel_device)
+        if self.exact_decode_keys:
+            cpu_kernels.load()
         fused = Kernels.enabled(self.kernels, kernel_device)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, self.tp, fused) for _ in range(config.num_hidden_layers))
@@ -294,41 +315,49 @@ class LlamaModel(nn.Module):
         """One token for every slot: tokens [S], positions [S] (each slot's own). Attention reads the
         first `kv_len` positions of the cache (the token-generation bucket) and this step's own key.
         Returns (logits [S, vocab], keys, values [layers, S, 1, kv_heads, hd])."""
-        if "decode_attention" in self.kernels:
+        attend = self._decode_attention(positions, kv_len, k_cache, v_cache)
+        hidden, keys, values = self._run_layers(self.embed_tokens(tokens).unsqueeze(1), positions.unsqueeze(1), attend)
+        return self.lm_head(hidden[:, 0]), keys, values
+
+    def _decode_attention(self, positions: torch.Tensor, kv_len: int, k_cache: torch.Tensor, v_cache: torch.Tensor):
+        """attend(i, attention, q, k, v) of decode rows (``_run_layers``): row r is slot r, at positions[r],
+        with one query [S, 1, heads, hd]; it attends up to `kv_len` cached positions and its own key."""
+        s = positions.shape[0]
+        if self.exact_decode_keys:
 
             def attend(i, attention, q, k, v):
-                cache = k_cache[i, :, :, :kv_len], v_cache[i, :, :, :kv_len]
+                return attention.attend_decode_cached(q, k, v, k_cache, v_cache, i, positions)
+
+        elif "decode_attention" in self.kernels:
+
+            def attend(i, attention, q, k, v):
+                cache = k_cache[i, :s, :, :kv_len], v_cache[i, :s, :, :kv_len]
                 return attention.attend_decode_fused(q, k, v, *cache, positions)
 
         else:
-            bias = decode_bias(positions, kv_len, self.embed_tokens.weight.dtype)
+            bias = decode_bias(positions, kv_len, self.dtype)
 
             def attend(i, attention, q, k, v):
-                return attention.attend_decode(q, k, v, k_cache[i, :, :, :kv_len], v_cache[i, :, :, :kv_len], bias)
+                return attention.attend_decode(q, k, v, k_cache[i, :s, :, :kv_len], v_cache[i, :s, :, :kv_len], bias)
 
-        hidden, keys, values = self._run_layers(self.embed_tokens(tokens).unsqueeze(1), positions.unsqueeze(1), attend)
-        return self.lm_head(hidden[:, 0]), keys, values
+        return attend
 
     def step(
         self, decode_tokens, decode_positions, tokens, positions, cached_slot, visible, last_index, k_cache, v_cache
     ):
         """One engine step (``step.py``): S decode rows (slots 0..S-1) and P packed prompt tokens in
         one pass, so each weight is read once. Decode rows attend their own slot's first L cache
-        positions and their own key; prompt tokens attend what `visible` [P, L + P] shows of the row
-        `cached_slot` and of the step's prompt tokens. Returns (logits [S + R, vocab] for the decode
-        rows then the prompt tokens at `last_index`, keys, values [layers, 1, S + P, kv_heads, hd])."""
+        positions (with `exact_decode_keys`, the positions before their own) and their own key;
+        prompt tokens attend what `visible` [P, L + P] shows of the row `cached_slot` and of the
+        step's prompt tokens. Returns (logits [S + R, vocab] for the decode rows then the prompt
+        tokens at `last_index`, keys, values [layers, 1, S + P, kv_heads, hd])."""
         s, p = decode_tokens.shape[0], tokens.shape[0]
         kv_len = visible.shape[1] - p
         mask = prompt_mask(visible, self.group, self.dtype)
-        bias = None if "decode_attention" in self.kernels else decode_bias(decode_positions, kv_len, self.dtype)
+        attend_decode = self._decode_attention(decode_positions, kv_len, k_cache, v_cache)
 
         def attend(i, attention, q, k, v):
-            decode_q, decode_k, decode_v = (x[0, :s].unsqueeze(1) for x in (q, k, v))
-            cache = k_cache[i, :s, :, :kv_len], v_cache[i, :s, :, :kv_len]
-            if bias is None:
-                decoded = attention.attend_decode_fused(decode_q, decode_k, decode_v, *cache, decode_positions)
-            else:
-                decoded = attention.attend_decode(decode_q, decode_k, decode_v, *cache, bias)
+            decoded = attend_decode(i, attention, *(x[0, :s].unsqueeze(1) for x in (q, k, v)))
             row_k = k_cache[i, :, :, :kv_len].index_select(0, cached_slot)
             row_v = v_cache[i, :, :, :kv_len].index_select(0, cached_slot)
             keys = torch.cat([row_k, k[:, s:].transpose(1, 2)], dim=2)

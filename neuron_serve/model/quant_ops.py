@@ -1,5 +1,6 @@
 """The CPU kernels of the quantized linear layers, as torch operators that torch.export records and
-AOTInductor graphs call: ``neuron_serve::int8_weight_linear`` (C++, ``kernels/int8_weight_linear.cpp``),
+AOTInductor graphs call: ``neuron_serve::int8_weight_linear`` (C++, ``kernels/int8_weight_linear.cpp``,
+built by ``cpu_kernels.py``),
 ``neuron_serve::int8_dynamic_linear`` and ``neuron_serve::int4_linear`` (library kernels behind Python).
 Each takes a group of layers' weights at once (q/k/v, gate/up) and returns their outputs side by side.
 
@@ -33,16 +34,12 @@ sequences share its step.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import threading
 import warnings
-from pathlib import Path
 
 import torch
 
 _LIBRARY = torch.library.Library("neuron_serve", "FRAGMENT")
-_INT8_WEIGHT_SOURCE = Path(__file__).parent / "kernels" / "int8_weight_linear.cpp"
 _LIBRARY.define("int8_dynamic_linear(Tensor x, Tensor[] weights, Tensor[] scales) -> Tensor")
 _LIBRARY.define("int4_linear(Tensor x, Tensor[] weights, Tensor[] scales, Tensor[] zeros, int group_size) -> Tensor")
 
@@ -105,29 +102,6 @@ torch.library.register_fake("neuron_serve::int8_dynamic_linear", lambda x, weigh
 torch.library.register_fake(
     "neuron_serve::int4_linear", lambda x, weights, scales, zeros, group_size: _output_shape(x, weights)
 )
-
-
-@functools.cache
-def load_int8_weight_kernel() -> None:
-    """Build (once per machine, cached by torch in ~/.cache/torch_extensions) and load the C++
-    ``neuron_serve::int8_weight_linear``: a C++ operator, so a compiled graph calls it without Python."""
-    from torch.utils import cpp_extension
-
-    # One build per checkout: torch keeps one build directory per name, whose ninja file names the
-    # source's path, so two checkouts (a clone beside an installed copy) sharing a name would rebuild
-    # the kernel, about 60 s on 2 cores, each time the other one had loaded it.
-    checkout = hashlib.sha256(str(_INT8_WEIGHT_SOURCE.resolve()).encode()).hexdigest()[:12]
-    cpp_extension.load(
-        name=f"neuron_serve_int8_weight_linear_{checkout}",
-        sources=[str(_INT8_WEIGHT_SOURCE)],
-        # OpenMP: at::parallel_for is compiled into the extension, and is serial without it.
-        extra_cflags=["-O3", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        is_python_module=False,
-    )
-    torch.library.register_fake(
-        "neuron_serve::int8_weight_linear", lambda x, weights, scales: _output_shape(x, weights)
-    )
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:

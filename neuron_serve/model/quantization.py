@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from neuron_serve.model import quant_ops
+from neuron_serve.model import cpu_kernels, quant_ops
 from neuron_serve.model.linear import Linear
 
 LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
@@ -166,7 +166,7 @@ def _kernel(rows: torch.Tensor, layers: tuple[QuantizedLinear, ...]) -> torch.Te
 def load_kernels(spec: QuantSpec) -> None:
     """Make `spec`'s CPU kernel callable: before a model of it is traced, or its compiled graph runs."""
     if spec.method == "int8-weight":
-        quant_ops.load_int8_weight_kernel()
+        cpu_kernels.load()
 
 
 def _stored_like(out: int, inputs: int, spec: QuantSpec) -> dict[str, torch.Tensor]:

@@ -69,15 +69,21 @@ class StepShape:
     kv_len: int
 
 
+def decode_tensors(batch: StepBatch, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode tokens and positions [rows]: slot s's in row s, a pad token at position 0 in the others."""
+    tokens, positions = torch.zeros(rows, dtype=torch.long), torch.zeros(rows, dtype=torch.long)
+    tokens[batch.decode_slots] = torch.tensor(batch.decode_tokens, dtype=torch.long)
+    positions[batch.decode_slots] = torch.tensor(batch.decode_positions, dtype=torch.long)
+    return tokens, positions
+
+
 def compact_step_tensors(batch: StepBatch, shape: StepShape) -> tuple[torch.Tensor, ...]:
     """The step's inputs before the cache, with `visible` left to `visible_keys`: decode tokens and
     positions [S], prompt tokens and positions [P], the cached row's slot [1], each prompt token's
     segment [P] (a pad's is its own) and cached positions seen [P], the cache positions [L], and the
     prompt tokens whose logits are wanted [R] (each chunk's last)."""
-    s, p = shape.decode_rows, shape.prompt_tokens
-    decode_tokens, decode_positions = torch.zeros(s, dtype=torch.long), torch.zeros(s, dtype=torch.long)
-    decode_tokens[batch.decode_slots] = torch.tensor(batch.decode_tokens, dtype=torch.long)
-    decode_positions[batch.decode_slots] = torch.tensor(batch.decode_positions, dtype=torch.long)
+    p = shape.prompt_tokens
+    decode_tokens, decode_positions = decode_tensors(batch, shape.decode_rows)
     tokens, positions = torch.zeros(p, dtype=torch.long), torch.zeros(p, dtype=torch.long)
     segments, cache_lens = -1 - torch.arange(p), torch.zeros(p, dtype=torch.long)
     last = torch.zeros(shape.prompts, dtype=torch.long)

@@ -7,8 +7,15 @@ dynamic shape costs no speed: the matmuls are oneDNN/MKL calls sized at run time
 Inductor's generated loops take their bounds as arguments. A graph per bucket shape would only
 multiply compile time (about 100 s per graph for the default model on 2 cores).
 
-The graph is compiled without its weights (`package_constants_in_so=False`): the runner hands it the
-rank's tensors at load time, so an artifact holds one copy of the weights.
+A step without prompts would still carry one pad prompt token through the step graph (a dimension
+of size 0 is no shape AOTInductor's kernels accept: they divide by it), and that token's attention
+costs 30 calls of SDPA, about 2.8 ms of a 17 ms batch-1 step of the default model. So where the
+decode rows read their own cached positions (`LlamaModel.exact_decode_keys`, which needs no KV
+bucket), the package holds a second model, `DECODE_MODEL`: the decode rows alone (as NxD Inference's
+token-generation model beside its context-encoding one).
+
+The graphs are compiled without their weights (`package_constants_in_so=False`): the runner hands them
+the rank's tensors at load time, so an artifact holds one copy of the weights.
 """
 
 from __future__ import annotations
@@ -25,7 +32,8 @@ from neuron_serve.artifact.graphs import GraphSet
 from neuron_serve.model.llama import LlamaModel
 from neuron_serve.model.step import PromptChunk, StepBatch, StepShape, step_tensors
 
-AOTI_CONFIG = {"aot_inductor.package_constants_in_so": False}
+AOTI_CONFIG = {"aot_inductor.package_constants_in_so": False, "aot_inductor.package": True}
+STEP_MODEL, DECODE_MODEL = "model", "decode"  # the models' names in the package
 # A profiler scope around each generated kernel, so that torch.profiler sees inside the graph. Only in
 # the build `neuron-serve profile` compiles: the scopes cost 7-14 % of a decode step of the default
 # model (24.97 -> 28.45 ms at 1 row, 127 -> 136 ms at 8 rows x 1024 keys, 150 interleaved calls each).
@@ -41,6 +49,16 @@ class _Step(nn.Module):
         return self.model.step(
             decode_tokens, decode_positions, tokens, positions, cached_slot, visible, last, k_cache, v_cache
         )
+
+
+class _Decode(nn.Module):
+    def __init__(self, model: LlamaModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, decode_tokens, decode_positions, k_cache, v_cache):
+        # The KV length is not read: the decode rows read their own positions (exact_decode_keys).
+        return self.model.decode(decode_tokens, decode_positions, k_cache, v_cache, self.model.max_seq_len)
 
 
 def _dim(name: str, largest: int, smallest: int = 1) -> Dim | None:
@@ -67,17 +85,33 @@ def step_example(model: LlamaModel, graphs: GraphSet) -> tuple[tuple, tuple]:
     return (*inputs, cache.keys, cache.values), dynamic
 
 
+def decode_example(model: LlamaModel, graphs: GraphSet) -> tuple[tuple, tuple]:
+    """`step_example` for `DECODE_MODEL`: decode tokens and positions [S], then the cache."""
+    rows = min(2, graphs.batch_size)
+    cache = model.new_kv_cache(graphs.batch_size)
+    inputs = (torch.ones(rows, dtype=torch.long), torch.arange(1, rows + 1), cache.keys, cache.values)
+    dim = _dim("decode_rows", graphs.batch_size)
+    return inputs, ({0: dim}, {0: dim}, None, None)
+
+
 def compile_step_graph(model: LlamaModel, graphs: GraphSet, package_path: Path, kernel_profile: bool = False) -> Path:
+    """The package of the step graph (`STEP_MODEL`) and, where the model has one, `DECODE_MODEL`."""
     configs = AOTI_CONFIG | (KERNEL_PROFILE_CONFIG if kernel_profile else {})
-    inputs, dynamic = step_example(model, graphs)
+    modules = {STEP_MODEL: (_Step(model), *step_example(model, graphs))}
+    if model.exact_decode_keys:
+        modules[DECODE_MODEL] = (_Decode(model), *decode_example(model, graphs))
+    from torch._inductor import aot_compile
+    from torch._inductor.package import package_aoti
+
+    files = {}
     with torch.no_grad(), _fake_process_group(model.tp.degree), warnings.catch_warnings():
         # torch 2.13's own pytree code warns about its own deprecated LeafSpec check while packaging.
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        exported = torch.export.export(_Step(model), inputs, dynamic_shapes=dynamic)
-        path = torch._inductor.aoti_compile_and_package(
-            exported, package_path=str(package_path), inductor_configs=configs
-        )
-    return Path(path)
+        for name, (module, inputs, dynamic) in modules.items():
+            exported = torch.export.export(module, inputs, dynamic_shapes=dynamic)
+            # torch._inductor.aoti_compile_and_package, for several models in one package.
+            files[name] = aot_compile(exported.module(check_guards=False), inputs, options=dict(configs))
+        return Path(package_aoti(str(package_path), files))
 
 
 @contextlib.contextmanager
