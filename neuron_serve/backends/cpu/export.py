@@ -96,13 +96,13 @@ def decode_example(model: LlamaModel, graphs: GraphSet) -> tuple[tuple, tuple]:
 
 def compile_step_graph(model: LlamaModel, graphs: GraphSet, package_path: Path, kernel_profile: bool = False) -> Path:
     """The package of the step graph (`STEP_MODEL`) and, where the model has one, `DECODE_MODEL`."""
+    from torch._inductor import aot_compile  # not at the top: a runner imports this module, not these
+    from torch._inductor.package import package_aoti
+
     configs = AOTI_CONFIG | (KERNEL_PROFILE_CONFIG if kernel_profile else {})
     modules = {STEP_MODEL: (_Step(model), *step_example(model, graphs))}
     if model.exact_decode_keys:
         modules[DECODE_MODEL] = (_Decode(model), *decode_example(model, graphs))
-    from torch._inductor import aot_compile
-    from torch._inductor.package import package_aoti
-
     files = {}
     with torch.no_grad(), _fake_process_group(model.tp.degree), warnings.catch_warnings():
         # torch 2.13's own pytree code warns about its own deprecated LeafSpec check while packaging.
