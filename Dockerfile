@@ -33,7 +33,7 @@ RUN pip freeze | grep -iE '^(torch|torch[-_]neuronx|torch[-_]xla|neuronx[-_]cc|n
  && rm -f /tmp/neuron-sdk-constraints.txt
 
 FROM ${CPU_BASE_IMAGE} AS base-cpu
-# g++: AOTInductor compiles the step graph through C++, and torch builds the int8 kernel with it, then
+# g++: AOTInductor compiles the graphs through C++, and torch builds our C++ kernels with it, then
 # checks that build (cached in TORCH_EXTENSIONS_DIR) with the same tools at every start.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends g++ \
@@ -51,7 +51,7 @@ COPY compile ./compile
 COPY docker/portable_recipe.py ./docker/
 ENV TORCH_EXTENSIONS_DIR=/opt/neuron-serve/torch-extensions
 # The default model, compiled now: the first compile takes minutes (quantizing, measuring quality,
-# building the int8 kernel, compiling the step graph) that every new container would otherwise spend
+# building the C++ kernels, compiling the graphs) that every new container would otherwise spend
 # before its first /ping. The image runs on CPUs other than the build machine's, so the artifact must
 # not depend on the builder's: float32 rather than its "auto" precision (docker/portable_recipe.py),
 # and C++ for x86-64-v3 (AVX2 and FMA: Intel since Haswell, every AMD Zen) rather than Inductor's

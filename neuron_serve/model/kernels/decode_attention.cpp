@@ -27,11 +27,13 @@ bool has_avx2_fma() {
   return available;
 }
 
-// e^x for x <= 0 (a score minus its row's maximum), 8 at a time: 2^(x log2 e) as 2^n times a degree-6
-// polynomial of the remainder (Cephes' expf coefficients), about 1e-7 relative error. std::exp one
-// value at a time would cost more than reading the keys.
+// e^x for x <= 0 (a score minus its row's maximum), 8 at a time: 2^n times e^r, r = x - n ln 2, with
+// e^r as 1 + r + r^2 P(r), P of degree 5 (Cephes' expf coefficients), about 1e-7 relative error.
+// std::exp one value at a time would cost more than reading the keys.
 __attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));  // below, e^x is under float's smallest normal: 0
+  // Below -87, 2^n would leave float's exponent range; e^-87 (about 1e-38) is as good as 0 beside the
+  // row maximum's e^0 = 1.
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // x - n ln 2, in two parts
@@ -88,7 +90,8 @@ __attribute__((target("avx2,fma"))) void scores_avx2(const float* q, int64_t R, 
     prefetch_row(key + kPrefetchRows * D, D);
     for (int64_t r = 0; r < R; ++r) {
       __m256 acc = _mm256_setzero_ps();
-      for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * D + d), _mm256_loadu_ps(key + d), acc);
+      for (int64_t d = 0; d < D; d += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * D + d), _mm256_loadu_ps(key + d), acc);
       __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
       s = _mm_add_ps(s, _mm_movehl_ps(s, s));
       s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -114,13 +117,16 @@ __attribute__((target("avx2,fma"))) void weighted_sum_avx2(const float* probs, i
     prefetch_row(value + kPrefetchRows * D, D);
     for (int64_t r = 0; r < R; ++r) {
       const __m256 p = _mm256_set1_ps(probs[r * ld + j]);
-      for (int64_t d = 0; d < D; d += 8)
-        _mm256_storeu_ps(out + r * D + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(value + d), _mm256_loadu_ps(out + r * D + d)));
+      for (int64_t d = 0; d < D; d += 8) {
+        float* sum = out + r * D + d;
+        _mm256_storeu_ps(sum, _mm256_fmadd_ps(p, _mm256_loadu_ps(value + d), _mm256_loadu_ps(sum)));
+      }
     }
   }
 }
 
-void weighted_sum_plain(const float* probs, int64_t ld, int64_t R, const float* values, int64_t n, int64_t D, float* out) {
+void weighted_sum_plain(const float* probs, int64_t ld, int64_t R, const float* values, int64_t n, int64_t D,
+                        float* out) {
   for (int64_t j = 0; j < n; ++j)
     for (int64_t r = 0; r < R; ++r)
       for (int64_t d = 0; d < D; ++d) out[r * D + d] += probs[r * ld + j] * values[j * D + d];
