@@ -52,12 +52,19 @@ CMAKE_FLAGS = [
     "-DLLAMA_CURL=OFF",
     "-DCMAKE_BUILD_TYPE=Release",
     "-DBUILD_SHARED_LIBS=OFF",  # one self-contained binary to cache
+    # Without llama.cpp's AMX kernels: on the KVM Sapphire Rapids guests we develop on, the first batched
+    # Q4_1 matmul dies with SIGILL on `tilezero` (tinygemm_kernel_amx, ggml-cpu/amx/mmq.cpp, 0.3.36),
+    # although the tiles are granted (oneDNN's AMX runs in the same guest). It serves from its AVX-512
+    # VNNI kernels instead. A no-op on CPUs without AMX.
+    "-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16",
+    "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16",
 ]
+BUILD = f"{LLAMA_CPP_PYTHON}-no-amx"  # the cache's name for this build
 
 
 def llama_server_binary() -> Path:
     """The cached llama-server, built first when missing."""
-    binary = cache_dir() / "llama-server" / LLAMA_CPP_PYTHON / "llama-server"
+    binary = cache_dir() / "llama-server" / BUILD / "llama-server"
     if binary.exists():
         return binary
     with tempfile.TemporaryDirectory() as work:

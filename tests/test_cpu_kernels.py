@@ -1,4 +1,5 @@
-"""The CPU backend's C++ decode attention operator against attention written out in torch ops."""
+"""The CPU backend's C++ operators: decode attention against attention written out in torch ops, the
+weight-only linear layers against matmuls of their dequantized weights."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from neuron_serve.model import cpu_kernels
+from neuron_serve.model.quantization import QuantSpec, dequantize, quantize_weight
 
 
 def attention_written_out(q, k, v, k_cache, v_cache, layer, positions, scale):
@@ -49,3 +51,51 @@ def test_a_position_outside_the_cache_is_refused_by_name():
     cache = torch.zeros(1, 1, 1, 16, 8)
     with pytest.raises(RuntimeError, match="position 16 of row 0 is outside the cache's 16"):
         torch.ops.neuron_serve.decode_attention(q, k, k, cache, cache, 0, torch.tensor([16]), 1.0)
+
+
+def quantized_weights(method: str, shapes: list[tuple[int, int]]) -> tuple[list[dict], torch.Tensor]:
+    """Each weight's stored tensors, and the float matrix [sum N, K] that they stand for together."""
+    spec = QuantSpec(method, 32)
+    stored = [quantize_weight(torch.randn(n, k) * 0.05, spec) for n, k in shapes]
+    return stored, torch.cat([dequantize(s, spec) for s in stored])
+
+
+def weight_only_linear(method: str, x: torch.Tensor, stored: list[dict]) -> torch.Tensor:
+    weights, scales = [s["weight"] for s in stored], [s["scale"] for s in stored]
+    if method == "int8-weight":
+        return torch.ops.neuron_serve.int8_weight_linear(x, weights, scales)
+    return torch.ops.neuron_serve.int4_weight_linear(x, weights, scales, [s["zero"] for s in stored], 32)
+
+
+@pytest.mark.parametrize("method", ["int8-weight", "int4-weight"])
+@pytest.mark.parametrize("rows", [1, 5, 7, 40, 70])  # one tile, 6 + 1, widened per call from 32 (int4) or 64 (int8)
+def test_weight_only_linear_computes_with_the_dequantized_weights(method, rows):
+    cpu_kernels.load()
+    torch.manual_seed(rows)
+    stored, floats = quantized_weights(method, [(70, 96), (33, 96), (5, 96)])  # blocks of 32 rows and odd ends
+    x = torch.randn(rows, 96)
+    ours = weight_only_linear(method, x, stored)
+    assert ours.shape == (rows, 108)
+    assert (ours - x @ floats.T).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("method", ["int8-weight", "int4-weight"])
+@pytest.mark.parametrize("rows", [3, 20])  # bf16 activations from 16 rows on: bf16 matmul of bf16 weights
+def test_weight_only_linear_on_bf16_activations(method, rows):
+    cpu_kernels.load()
+    torch.manual_seed(rows)
+    stored, floats = quantized_weights(method, [(64, 128), (40, 128)])
+    x = torch.randn(rows, 128).bfloat16()
+    first, again = weight_only_linear(method, x, stored), weight_only_linear(method, x, stored)
+    assert first.dtype == torch.bfloat16 and torch.equal(first, again)
+    expected = x.float() @ floats.T
+    assert ((first.float() - expected).abs().max() / expected.abs().max()) < 2e-2
+
+
+def test_int4_weight_linear_refuses_a_group_that_does_not_divide_the_inputs():
+    cpu_kernels.load()
+    stored, _ = quantized_weights("int4-weight", [(8, 64)])
+    with pytest.raises(RuntimeError, match="group_size 48 must divide the 64 inputs"):
+        torch.ops.neuron_serve.int4_weight_linear(
+            torch.zeros(1, 64), [stored[0]["weight"]], [stored[0]["scale"]], [stored[0]["zero"]], 48
+        )

@@ -45,6 +45,9 @@ def test_a_quantized_model_computes_with_exactly_its_stored_weights(tiny_loaded,
     state = quantize_state_dict(tiny_loaded.state_dict, spec)
     assert state["layers.0.mlp.up_proj.weight"].dtype == (torch.uint8 if method == "int4-weight" else torch.int8)
     assert "lm_head.scale" in state and "embed_tokens.scale" not in state
+    assert state["lm_head.weight"].dtype == torch.int8  # int4-weight keeps lm_head at 8 bits
+    if method == "int4-weight":
+        assert state["layers.0.mlp.up_proj.scale"].dtype == state["layers.0.mlp.up_proj.zero"].dtype == torch.float16
     config = tiny_loaded.config
     quantized = model_from_state_dict(config, stored_shard(config, state, 1, 0), 64, quantization=spec)
     reference = model_from_state_dict(config, stored_shard(config, dequantize_state_dict(state, spec), 1, 0), 64)

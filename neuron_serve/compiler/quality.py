@@ -10,8 +10,8 @@ is tuned on it):
 
 Both run the eager model on the CPU in the recipe's dtype, so they measure the quantization's error,
 not a backend's. A weight-only method runs as the float model of its dequantized weights: its kernel
-computes with exactly those (tests/test_quantization.py), and ATen's int4 kernel would take minutes
-on a CPU without AVX-512. int8-dynamic runs its own kernel, since it also rounds the activations.
+computes with exactly those (tests/test_quantization.py). int8-dynamic runs its own kernel, since it
+also rounds the activations.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The CPU backend's C++ operators (``kernels/*.cpp``), built once per machine and loaded once per
 process, so that a compiled graph calls them without Python:
 
-- ``neuron_serve::int8_weight_linear``: the int8 weight-only linear layers (why: ``quant_ops.py``);
+- ``neuron_serve::int8_weight_linear`` and ``neuron_serve::int4_weight_linear``: the weight-only
+  quantized linear layers (why: ``quant_ops.py``);
 - ``neuron_serve::decode_attention``: a decode row's attention, over exactly the positions its slot
   holds (why, and what it measured: docs/ARCHITECTURE.md, "Decode attention on the CPU").
 """
@@ -35,11 +36,16 @@ def load() -> None:
         is_python_module=False,
     )
     torch.library.register_fake("neuron_serve::int8_weight_linear", _linear_output)
+    torch.library.register_fake("neuron_serve::int4_weight_linear", _int4_linear_output)
     torch.library.register_fake("neuron_serve::decode_attention", _attention_output)
 
 
 def _linear_output(x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor]) -> torch.Tensor:
     return x.new_empty(x.shape[0], sum(w.shape[0] for w in weights))
+
+
+def _int4_linear_output(x, weights, scales, zeros, group_size: int) -> torch.Tensor:
+    return _linear_output(x, weights, scales)
 
 
 def _attention_output(q, k, v, k_cache, v_cache, layer: int, positions, scale: float) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """The CPU kernels of the quantized linear layers, as torch operators that torch.export records and
-AOTInductor graphs call: ``neuron_serve::int8_weight_linear`` (C++, ``kernels/int8_weight_linear.cpp``,
-built by ``cpu_kernels.py``),
-``neuron_serve::int8_dynamic_linear`` and ``neuron_serve::int4_linear`` (library kernels behind Python).
-Each takes a group of layers' weights at once (q/k/v, gate/up) and returns their outputs side by side.
+AOTInductor graphs call: ``neuron_serve::int8_weight_linear`` and ``neuron_serve::int4_weight_linear``
+(C++, ``kernels/weight_only_linear.cpp``, built by ``cpu_kernels.py``), and
+``neuron_serve::int8_dynamic_linear`` (fbgemm's kernel behind Python). Each takes a group of layers'
+weights at once (q/k/v, gate/up) and returns their outputs side by side.
 
 Measured on the development machine (AVX2 AMD EPYC without VNNI or AVX-512, 2 threads; all 30 layers
 of the default model, then lm_head; ``python -m benchmarks.quant_kernels`` prints the table):
@@ -15,14 +15,16 @@ of the default model, then lm_head; ``python -m benchmarks.quant_kernels`` print
 - fbgemm's dynamic int8 linear, grouped, is fast (in one run: 36 % of fp32's time at one row, 63 % at
   32, its lm_head a third of fp32's) but rounds the activations to 7 bits: +11-13 % perplexity on the
   default model, where the quality goal is 1 %.
-- So int8 weight-only is a kernel of our own: int8 rows widened to fp32 in registers and multiplied
-  with AVX2 FMAs, the activations untouched: in the same run, grouped, 18 % of fp32's time at one row
-  and 72 % at 32.
+- So int8 and int4 weight-only are kernels of our own: quantized rows widened to fp32 in registers and
+  multiplied with AVX2 (or AVX-512) FMAs, the activations untouched: in the same run, grouped, int8
+  took 18 % of fp32's time at one row and 72 % at 32. Which path a call takes by its rows and dtype
+  (widened once per call from 32 or 64 rows, oneDNN's bf16 matmul for bf16 activations from 16) is
+  in ``kernels/weight_only_linear.cpp``, with what each measured.
 
-The library kernels need their weights in a layout made for the machine (fbgemm's packed matrix,
-ATen's int4 tiles), while a graph's constants are the artifact's portable tensors. Each operator
-makes its layout on first use and keeps it for the life of the process, keyed by the tensors it was
-made from; the entry holds them, so their memory is never freed and reused under the same key.
+fbgemm needs its weights in a layout made for the machine (its packed matrix), while a graph's
+constants are the artifact's portable tensors. The operator makes that layout on first use and keeps
+it for the life of the process, keyed by the tensors it was made from; the entry holds them, so their
+memory is never freed and reused under the same key.
 fbgemm's packed weight is a TorchScript object that torch.export cannot trace (no
 ``__obj_flatten__``), hence an operator on plain tensors around it.
 
@@ -41,7 +43,6 @@ import torch
 
 _LIBRARY = torch.library.Library("neuron_serve", "FRAGMENT")
 _LIBRARY.define("int8_dynamic_linear(Tensor x, Tensor[] weights, Tensor[] scales) -> Tensor")
-_LIBRARY.define("int4_linear(Tensor x, Tensor[] weights, Tensor[] scales, Tensor[] zeros, int group_size) -> Tensor")
 
 _prepared: dict[tuple, tuple[list[torch.Tensor], object]] = {}
 _lock = threading.Lock()
@@ -78,30 +79,12 @@ def _int8_dynamic_linear(x: torch.Tensor, weights: list[torch.Tensor], scales: l
     return (out * magnitude).to(x.dtype)
 
 
-def _aten_int4(weights: list[torch.Tensor], scales: list[torch.Tensor], zeros: list[torch.Tensor]):
-    codes = unpack_int4(torch.cat(weights)).to(torch.int32)
-    tiles = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    scale, zero = torch.cat(scales), torch.cat(zeros)
-    # ATen dequantizes (q - 8) * scale + zero; ours is q * scale + zero.
-    return tiles, torch.stack([scale, zero + 8 * scale], dim=-1).transpose(0, 1).contiguous()
-
-
-def _int4_linear(x, weights, scales, zeros, group_size: int) -> torch.Tensor:
-    tiles, scale_zero = _prepare([*weights, *scales, *zeros], lambda: _aten_int4(weights, scales, zeros))
-    rows = x.float()
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, tiles, group_size, scale_zero.float()).to(x.dtype)
-
-
 def _output_shape(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
     return x.new_empty(x.shape[0], sum(w.shape[0] for w in weights))
 
 
 _LIBRARY.impl("int8_dynamic_linear", _int8_dynamic_linear, "CPU")
-_LIBRARY.impl("int4_linear", _int4_linear, "CPU")
 torch.library.register_fake("neuron_serve::int8_dynamic_linear", lambda x, weights, scales: _output_shape(x, weights))
-torch.library.register_fake(
-    "neuron_serve::int4_linear", lambda x, weights, scales, zeros, group_size: _output_shape(x, weights)
-)
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,10 @@ layers as they are (neuronx-distributed 2.29, ``quantization/quantization_layers
   cuts the scale with the weight's rows; under the row-parallel split every rank keeps the whole scale
   and applies it to its partial sum (``sharding.py``).
 - int4, one scale and offset per group of `group_size` inputs: ``<layer>.weight`` uint8 ``[out, in/2]``
-  (two codes per byte, ``pack_int4``), ``<layer>.scale`` and ``<layer>.zero`` fp32 ``[out, in/group]``;
-  the weight is ``code * scale + zero``, GGUF Q4_1's form, so GGUF Q4_0/Q4_1 tensors keep their codes.
+  (two codes per byte, ``pack_int4``), ``<layer>.scale`` and ``<layer>.zero`` fp16 ``[out, in/group]``;
+  the weight is ``code * scale + zero``, GGUF Q4_1's form (fp16 included), so GGUF Q4_0/Q4_1 tensors
+  keep their codes. fp32 scales would be a third of the bytes a group of 32 reads, fp16 a fifth.
+  Under ``int4-weight``, lm_head is stored as ``int8-weight`` (``QuantSpec.for_layer``).
 
 Only linear layers are quantized. The embeddings are a gather of one row per token: quantizing them
 would save memory but no time, so they stay in the model's dtype whatever `skip` says.
@@ -19,7 +21,7 @@ would save memory but no time, so they stay in the model's dtype whatever `skip`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -33,6 +35,10 @@ INT8_MAX = 127
 # quantization/README_rescaling_fp8_for_neuron.md; DtypeBound.F8E4M3_MAX).
 FP8_E4M3_MAX = 240.0
 INT4_LEVELS = 15
+# lm_head under int4-weight, as llama.cpp's Q4 files keep their output tensor at 6 or 8 bits: its error
+# reaches the logits directly instead of being averaged over layers. On the default model (`neuron-serve
+# eval`), int4 on lm_head costs 6 % perplexity where the goal is 5 %; int8 there costs 0.3 %.
+INT4_LM_HEAD_METHOD = "int8-weight"
 # The methods with a CPU kernel (``quant_ops``), which takes several layers' weights in one call
 # (q/k/v, gate/up): each call has a fixed cost (a parallel region; ~70 us for fbgemm's dynamic linear),
 # a large share of a small layer's time.
@@ -62,6 +68,12 @@ class QuantSpec:
         leaf = layer.rsplit(".", 1)[-1]
         return self.enabled and leaf in LINEAR_LAYERS and layer not in self.skip and leaf not in self.skip
 
+    def for_layer(self, layer: str) -> QuantSpec:
+        """The spec that `layer` (a name such as ``lm_head`` or ``layers.0.mlp.up_proj``) is stored in."""
+        if self.method == "int4-weight" and layer.rsplit(".", 1)[-1] == "lm_head":
+            return replace(self, method=INT4_LM_HEAD_METHOD)
+        return self
+
 
 def quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
     """One float weight [out, in] -> its stored tensors, by suffix (``weight``, ``scale``, ``zero``)."""
@@ -75,9 +87,10 @@ def quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Te
     if spec.method == "int4-weight":
         out, inputs = w.shape
         groups = w.reshape(out, inputs // spec.group_size, spec.group_size)
-        low, high = groups.amin(dim=-1), groups.amax(dim=-1)
-        scale = ((high - low) / INT4_LEVELS).clamp(min=1e-12)
-        codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, INT4_LEVELS)
+        low = groups.amin(dim=-1).half()
+        # fp16's smallest normal number, so that a constant group's scale survives the cast
+        scale = ((groups.amax(dim=-1) - low.float()) / INT4_LEVELS).clamp(min=2**-14).half()
+        codes = torch.round((groups - low.float()[..., None]) / scale.float()[..., None]).clamp(0, INT4_LEVELS)
         return {"weight": quant_ops.pack_int4(codes.reshape(out, inputs)), "scale": scale, "zero": low}
     raise ValueError(f"quantization.method {spec.method!r} has no quantizer")
 
@@ -87,7 +100,8 @@ def dequantize(stored: dict[str, torch.Tensor], spec: QuantSpec) -> torch.Tensor
     if spec.method == "int4-weight":
         codes = quant_ops.unpack_int4(stored["weight"]).float()
         out, inputs = codes.shape
-        groups = codes.reshape(out, -1, spec.group_size) * stored["scale"][..., None] + stored["zero"][..., None]
+        scale, zero = stored["scale"].float()[..., None], stored["zero"].float()[..., None]
+        groups = codes.reshape(out, -1, spec.group_size) * scale + zero
         return groups.reshape(out, inputs)
     return stored["weight"].float() * stored["scale"]
 
@@ -100,7 +114,7 @@ def dequantize_state_dict(
     floats = {n: t for n, t in state_dict.items() if n.rsplit(".", 1)[0] not in layers}
     for layer in layers:
         stored = {s: state_dict[f"{layer}.{s}"] for s in ("weight", "scale", "zero") if f"{layer}.{s}" in state_dict}
-        floats[f"{layer}.weight"] = dequantize(stored, spec).to(dtype)
+        floats[f"{layer}.weight"] = dequantize(stored, spec.for_layer(layer)).to(dtype)
     return floats
 
 
@@ -108,7 +122,7 @@ def quantize_state_dict(
     state_dict: dict[str, torch.Tensor], spec: QuantSpec, kept: dict[str, dict[str, torch.Tensor]] | None = None
 ) -> dict[str, torch.Tensor]:
     """The state dict with every layer that `spec` quantizes replaced by its stored tensors. `kept`
-    maps a layer to stored tensors it already has (a GGUF source's own codes), used as they are.
+    maps a layer to int4 codes it already has (a GGUF source's own), used where the layer is int4.
     A tied lm_head is quantized from the embeddings, which stay."""
     if not spec.enabled:
         return dict(state_dict)
@@ -119,7 +133,9 @@ def quantize_state_dict(
     for name in [n for n in state if n.endswith(".weight")]:
         layer = name.removesuffix(".weight")
         if spec.quantizes(layer):
-            stored = kept.get(layer) or quantize_weight(state[name], spec)
+            layer_spec = spec.for_layer(layer)
+            own = kept.get(layer) if layer_spec.method == "int4-weight" else None
+            stored = own or quantize_weight(state[name], layer_spec)
             state.update({f"{layer}.{suffix}": tensor for suffix, tensor in stored.items()})
     return state
 
@@ -160,12 +176,12 @@ def _kernel(rows: torch.Tensor, layers: tuple[QuantizedLinear, ...]) -> torch.Te
     if first.method == "int8-dynamic":
         return torch.ops.neuron_serve.int8_dynamic_linear(rows, weights, scales)
     zeros = [m.zero for m in layers]
-    return torch.ops.neuron_serve.int4_linear(rows, weights, scales, zeros, first.group_size)
+    return torch.ops.neuron_serve.int4_weight_linear(rows, weights, scales, zeros, first.group_size)
 
 
 def load_kernels(spec: QuantSpec) -> None:
     """Make `spec`'s CPU kernel callable: before a model of it is traced, or its compiled graph runs."""
-    if spec.method == "int8-weight":
+    if spec.method in ("int8-weight", "int4-weight"):
         cpu_kernels.load()
 
 
@@ -175,8 +191,8 @@ def _stored_like(out: int, inputs: int, spec: QuantSpec) -> dict[str, torch.Tens
         groups = inputs // spec.group_size
         return {
             "weight": torch.empty(out, inputs // 2, dtype=torch.uint8),
-            "scale": torch.empty(out, groups),
-            "zero": torch.empty(out, groups),
+            "scale": torch.empty(out, groups, dtype=torch.float16),
+            "zero": torch.empty(out, groups, dtype=torch.float16),
         }
     dtype = torch.float8_e4m3fn if spec.method == "fp8-weight" else torch.int8
     return {"weight": torch.empty(out, inputs, dtype=dtype), "scale": torch.empty(out, 1)}
@@ -186,7 +202,8 @@ def linear_group(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> list[torch.T
     """Several layers applied to the same input, in one kernel call where their method allows it."""
     first = layers[0]
     grouped = isinstance(first, QuantizedLinear) and first.method in _GROUPED
-    if not grouped or any(not isinstance(m, QuantizedLinear) or m.bias is not None for m in layers):
+    alike = all(isinstance(m, QuantizedLinear) and m.bias is None and m.method == first.method for m in layers)
+    if not grouped or not alike:
         return [layer(x) for layer in layers]
     out = _kernel(x.reshape(-1, x.shape[-1]), layers)
     parts = out.split([m.out_features for m in layers], dim=-1)
@@ -201,5 +218,6 @@ def quantize_modules(model: nn.Module, spec: QuantSpec) -> None:
             parent_name, _, attribute = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             bias = module.bias is not None
-            layer = QuantizedLinear(module.in_features, module.out_features, spec, bias, module.weight.dtype)
+            layer_spec = spec.for_layer(name)
+            layer = QuantizedLinear(module.in_features, module.out_features, layer_spec, bias, module.weight.dtype)
             setattr(parent, attribute, layer)

@@ -70,7 +70,7 @@ def _weight_bytes(recipe: Recipe, config: ModelConfig) -> tuple[int, int]:
     with torch.device("meta"):
         model = LlamaModel(config, max_seq_len=1, tp=TensorParallel(recipe.target.tp_degree))
         quantized = {
-            name: quantize_weight(module.weight, spec)
+            name: quantize_weight(module.weight, spec.for_layer(name))
             for name, module in model.named_modules()
             if isinstance(module, nn.Linear) and spec.quantizes(name)
         }

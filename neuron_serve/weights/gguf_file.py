@@ -109,14 +109,14 @@ def _tensor_name(gguf_name: str) -> str | None:
 
 
 def q4_blocks(data: np.ndarray, kind: GGMLQuantizationType, rows: int) -> dict[str, np.ndarray]:
-    """A Q4_0/Q4_1 tensor's codes [rows, cols] (0..15), and per block of 32 its scale and offset
+    """A Q4_0/Q4_1 tensor's codes [rows, cols] (0..15), and per block of 32 its fp16 scale and offset
     [rows, cols/32], such that weight = code * scale + offset. Block layout (ggml-common.h): fp16 d,
     for Q4_1 fp16 m, then 16 bytes whose low nibbles are weights 0..15 and high nibbles 16..31;
     Q4_0's weight is (code - 8) * d, Q4_1's code * d + m."""
     header = 4 if kind == GGMLQuantizationType.Q4_1 else 2
     blocks = data.reshape(-1, header + 16)
-    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)[:, 0]
-    m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)[:, 0] if header == 4 else -8 * d
+    d = blocks[:, 0:2].copy().view(np.float16)[:, 0]
+    m = blocks[:, 2:4].copy().view(np.float16)[:, 0] if header == 4 else -8 * d  # exact: a power of 2
     packed = blocks[:, header:]
     codes = np.concatenate([packed & 15, packed >> 4], axis=1)
     return {"codes": codes.reshape(rows, -1), "scale": d.reshape(rows, -1), "zero": m.reshape(rows, -1)}

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from neuron_serve.artifact.manifest import ArtifactManifest, GraphRecord
-from neuron_serve.backends.base import Backend, CompileJob, LoadTimes, Runner
+from neuron_serve.backends.base import Backend, CompileJob, LoadTimes, Runner, warm_up
 from neuron_serve.backends.cpu.compile import compile_cpu_graphs
 from neuron_serve.backends.cpu.precision import cpu_dtype, cpu_flags
 from neuron_serve.backends.cpu.runners import kernel_profiled_runner, open_rank_runner
@@ -49,10 +49,11 @@ class CpuBackend(Backend):
         return env
 
     def warm_up(self, runner: Runner) -> None:
-        """Nothing: on the CPU only a process's first step pays a set-up cost (thread pool, allocator,
-        the weights' pages mapped; AOTInductor graphs measured no first-call cost of their own), about
-        50 ms of CPU time for the default model on 2 cores, while a warm-up prefill and decode cost
-        250 ms before the replica could answer. The first request pays it instead."""
+        """One prompt step and one decode step. Their first run pays a set-up cost (thread pool,
+        allocator, the weights' pages mapped) and, on bf16 activations, the quantized kernels' bf16
+        copies of the weights (`kernels/weight_only_linear.cpp`): about 0.3 s for the default model on
+        a 2-core Sapphire Rapids, which the first request would otherwise wait for."""
+        warm_up(runner, every_graph=False)
 
     def watch_occupancy(self, set_occupancy: Callable[[float], None]) -> bool:
         return False
