@@ -34,6 +34,15 @@ def default_artifacts(tmp_path_factory):
     return compile_recipe(recipe, tmp_path_factory.mktemp("default") / recipe.name).out_dir
 
 
+def same_logits(compiled: torch.Tensor, eager: torch.Tensor) -> bool:
+    """Within 1e-3 in fp32. In bf16 (the default recipe on a CPU with AMX or avx512_bf16), within 5 % of
+    the largest logit: the graph fuses and rounds at other points than eager ops do, each rounding off
+    by up to 2^-9, over 30 layers of about seven roundings each (observed: 0.4 on logits near 20)."""
+    if eager.dtype == torch.float32:
+        return bool((compiled - eager).abs().max() < 1e-3)
+    return bool((compiled.float() - eager.float()).abs().max() < 0.05 * eager.float().abs().max())
+
+
 def test_default_aot_graphs_match_eager(default_artifacts, default_loaded):
     """The compiled graph against the eager model of the same (int8-quantized) weights."""
     aot, manifest = open_runner(default_artifacts)
@@ -44,10 +53,10 @@ def test_default_aot_graphs_match_eager(default_artifacts, default_loaded):
     text = "The history of the Roman Empire is long and full of emperors, wars and roads. " * 120
     ids = default_loaded.tokenizer.encode(text)
     for slot, length in enumerate((10, 200, 900, 1500)):  # one step, or several continued
-        assert (run_prompt(aot, ids[:length], slot) - run_prompt(eager, ids[:length], slot)).abs().max() < 1e-3
+        assert same_logits(run_prompt(aot, ids[:length], slot), run_prompt(eager, ids[:length], slot))
     for slots, positions in (([0, 1], [10, 200]), ([0, 1, 2, 3], [10, 200, 900, 1500])):
         batch = StepBatch(slots, [ids[p] for p in positions], positions, [PromptChunk(5, 0, ids[:77])])
-        assert (aot.step(batch).logits - eager.step(batch).logits).abs().max() < 1e-3
+        assert same_logits(aot.step(batch).logits, eager.step(batch).logits)
 
 
 @pytest.fixture(scope="module")

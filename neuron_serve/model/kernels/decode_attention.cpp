@@ -74,7 +74,7 @@ float exp_and_sum(float* scores, int64_t n, float top) {
 }
 
 // Rows of a slot's keys or values stream from memory once, faster than the hardware prefetcher
-// fetches them on this kind of machine (as in int8_weight_linear.cpp): fetch each cache line of the
+// fetches them on this kind of machine (as in weight_only_linear.cpp): fetch each cache line of the
 // row kPrefetchRows rows further on.
 constexpr int64_t kPrefetchRows = 16;
 
