@@ -178,3 +178,6 @@ def test_a_kv_cache_larger_than_the_free_memory_is_refused_with_the_figures(tiny
     graphs = GraphSet(1_000_000, 128, (16,), (128,))
     with pytest.raises(MemoryError, match=r"the KV cache needs .* GiB \(shapes.batch_size 1000000 x .* GiB of memory"):
         allocate_cache(tiny_loaded.config, TensorParallel(), graphs, torch.float32)
+    small = GraphSet(1, 128, (16,), (128,))
+    with pytest.raises(MemoryError, match=r"the KV cache needs 0.00 GiB .* bf16 copies 4096.00 GiB"):
+        allocate_cache(tiny_loaded.config, TensorParallel(), small, torch.bfloat16, weight_copies=2**42)

@@ -18,7 +18,13 @@ from neuron_serve.backends.cpu.runners import EagerRunner, open_rank_runner
 from neuron_serve.backends.registry import open_runner
 from neuron_serve.compiler.compile import compile_recipe
 from neuron_serve.compiler.quality import evaluate
-from neuron_serve.model.quantization import QuantSpec, dequantize, dequantize_state_dict, quantize_state_dict
+from neuron_serve.model.quantization import (
+    QuantSpec,
+    bf16_copy_bytes,
+    dequantize,
+    dequantize_state_dict,
+    quantize_state_dict,
+)
 from neuron_serve.model.sharding import shard_state_dict
 from neuron_serve.model.state import model_from_state_dict, stored_shard
 from neuron_serve.recipe.schema import RecipeError
@@ -195,3 +201,16 @@ def test_eval_command_prints_a_row_per_method_and_refuses_an_unknown_one(capsys)
     assert all(name in table for name in ("none", "int8-weight", "int4-weight", "greedy agreement"))
     assert main(["eval", recipe, "--methods", "int3"]) == 2
     assert "--methods: unknown int3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["int8-weight", "int4-weight"])
+def test_bf16_weight_copies_are_counted_two_bytes_per_quantized_weight(tiny_loaded, method):
+    spec = QuantSpec(method, 32, ("embed_tokens",))
+    state = quantize_state_dict(tiny_loaded.state_dict, spec)
+    weights = sum(
+        tiny_loaded.state_dict.get(f"{layer}.weight", tiny_loaded.state_dict["embed_tokens.weight"]).numel()
+        for layer in (name.removesuffix(".scale") for name in state if name.endswith(".scale"))
+    )
+    assert bf16_copy_bytes(state, spec, torch.bfloat16) == 2 * weights
+    assert bf16_copy_bytes(state, spec, torch.float32) == 0
+    assert bf16_copy_bytes(state, QuantSpec("int8-dynamic", 32, ("embed_tokens",)), torch.bfloat16) == 0

@@ -179,6 +179,22 @@ def _kernel(rows: torch.Tensor, layers: tuple[QuantizedLinear, ...]) -> torch.Te
     return torch.ops.neuron_serve.int4_weight_linear(rows, weights, scales, zeros, first.group_size)
 
 
+def bf16_copy_bytes(state: dict[str, torch.Tensor], spec: QuantSpec, dtype: torch.dtype) -> int:
+    """Memory that the weight-only kernels take beside `state` (a rank's stored tensors): on bf16
+    activations, a bf16 copy of each int8 or int4 layer, two bytes per weight, made on first use and
+    kept (``kernels/weight_only_linear.cpp`` says why)."""
+    if dtype != torch.bfloat16:
+        return 0
+    total = 0
+    for layer in (name.removesuffix(".scale") for name in state if name.endswith(".scale")):
+        weight = state[f"{layer}.weight"]
+        if spec.for_layer(layer).method == "int8-weight":
+            total += 2 * weight.numel()
+        elif spec.for_layer(layer).method == "int4-weight":
+            total += 4 * weight.numel()  # two codes per byte
+    return total
+
+
 def load_kernels(spec: QuantSpec) -> None:
     """Make `spec`'s CPU kernel callable: before a model of it is traced, or its compiled graph runs."""
     if spec.method in ("int8-weight", "int4-weight"):

@@ -21,7 +21,7 @@ from neuron_serve.model.config import ModelConfig
 from neuron_serve.model.kv_cache import KVCache
 from neuron_serve.model.llama import LlamaModel, reads_exact_decode_keys
 from neuron_serve.model.parallel import TensorParallel
-from neuron_serve.model.quantization import QuantSpec
+from neuron_serve.model.quantization import QuantSpec, bf16_copy_bytes
 from neuron_serve.model.state import loadable_state, model_from_state_dict
 from neuron_serve.model.step import StepBatch, decode_tensors, logit_rows, step_kept, step_tensors
 from neuron_serve.weights.local_cache import cache_dir
@@ -73,11 +73,11 @@ class StepRunner(ABC):
 class EagerRunner(StepRunner):
     """The PyTorch model called directly (no tracing)."""
 
-    def __init__(self, model: LlamaModel, graphs: GraphSet):
+    def __init__(self, model: LlamaModel, graphs: GraphSet, weight_copies: int = 0):
         self.model = model
         self.graphs = graphs
         self.exact_decode_keys = model.exact_decode_keys
-        self.cache = allocate_cache(model.config, model.tp, graphs, model.dtype)
+        self.cache = allocate_cache(model.config, model.tp, graphs, model.dtype, weight_copies)
 
     @torch.inference_mode()
     def run_step(self, inputs: tuple[torch.Tensor, ...]) -> GraphOutput:
@@ -106,7 +106,8 @@ class AOTRunner(StepRunner):
         self.decode_package = load_graph(path, DECODE_MODEL, self.weights) if self.exact_decode_keys else None
         times.measure("load_graphs", started)
         tp, dtype = TensorParallel(manifest.recipe.target.tp_degree, rank), self.weights["embed_tokens.weight"].dtype
-        self.cache = allocate_cache(manifest.model_config, tp, self.graphs, dtype)
+        copies = bf16_copy_bytes(self.weights, QuantSpec.of(manifest.recipe.quantization), dtype)
+        self.cache = allocate_cache(manifest.model_config, tp, self.graphs, dtype, copies)
 
     def run_step(self, inputs: tuple[torch.Tensor, ...]) -> GraphOutput:
         return tuple(self.package.run(inputs))
@@ -128,15 +129,24 @@ def load_graph(path: Path, model: str, weights: dict[str, torch.Tensor]) -> torc
     return package
 
 
-def allocate_cache(config: ModelConfig, tp: TensorParallel, graphs: GraphSet, dtype: torch.dtype) -> KVCache:
-    """This rank's KV cache, refused with the figures when it would not fit in the memory left."""
+def allocate_cache(
+    config: ModelConfig, tp: TensorParallel, graphs: GraphSet, dtype: torch.dtype, weight_copies: int = 0
+) -> KVCache:
+    """This rank's KV cache, refused with the figures when it and the quantized kernels' bf16 weight
+    copies (`quantization.bf16_copy_bytes`) would not fit in the memory left."""
     kv_heads = tp.local_kv_heads(config.num_key_value_heads)
     needed = KVCache.nbytes(config, graphs.batch_size, graphs.max_seq_len, kv_heads, dtype)
     available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    if needed > available:
+    if needed + weight_copies > available:
+        copies = (
+            f" and the quantized layers' bf16 copies {weight_copies / 2**30:.2f} GiB (model.dtype float32 "
+            "or quantization.method none makes none)"
+            if weight_copies
+            else ""
+        )
         raise MemoryError(
             f"the KV cache needs {needed / 2**30:.2f} GiB (shapes.batch_size {graphs.batch_size} x "
-            f"shapes.max_seq_len {graphs.max_seq_len}) but {available / 2**30:.2f} GiB of memory is free"
+            f"shapes.max_seq_len {graphs.max_seq_len}){copies} but {available / 2**30:.2f} GiB of memory is free"
         )
     return KVCache.for_rank(config, tp, graphs.batch_size, graphs.max_seq_len, dtype)
 
@@ -172,4 +182,5 @@ def open_rank_runner(directory: Path, manifest: ArtifactManifest, rank: int, tim
     quantization = QuantSpec.of(recipe.quantization)
     model = model_from_state_dict(manifest.model_config, shard, recipe.shapes.max_seq_len, tp, kernels, quantization)
     times.measure("load_graphs", started)
-    return EagerRunner(model, GraphSet.from_shapes(recipe.shapes))
+    copies = bf16_copy_bytes(shard, quantization, model.dtype)
+    return EagerRunner(model, GraphSet.from_shapes(recipe.shapes), copies)
