@@ -3,9 +3,14 @@ weight-only linear layers against matmuls of their dequantized weights."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
+from neuron_serve.backends.cpu.precision import cpu_flags
 from neuron_serve.model import cpu_kernels
 from neuron_serve.model.quantization import QuantSpec, dequantize, quantize_weight
 
@@ -99,3 +104,15 @@ def test_int4_weight_linear_refuses_a_group_that_does_not_divide_the_inputs():
         torch.ops.neuron_serve.int4_weight_linear(
             torch.zeros(1, 64), [stored[0]["weight"]], [stored[0]["scale"]], [stored[0]["zero"]], 48
         )
+
+
+def test_the_256_bit_tiles_where_the_cpu_has_avx512():
+    """The weight-only checks above again, through the AVX2 tiles (NEURON_SERVE_CPU_ISA=avx2), in a
+    process of their own: the kernels choose their tiles once per process."""
+    if not {"avx512f", "avx512bw"} <= cpu_flags():
+        pytest.skip("this CPU has no AVX-512: every test above runs the AVX2 tiles already")
+    checks = ["-k", "weight_only_linear_computes or weight_only_linear_on_bf16"]
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, *checks]
+    result = subprocess.run(command, env={**os.environ, "NEURON_SERVE_CPU_ISA": "avx2"}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "14 passed" in result.stdout
