@@ -73,7 +73,8 @@ def weight_only_linear(method: str, x: torch.Tensor, stored: list[dict]) -> torc
 
 
 @pytest.mark.parametrize("method", ["int8-weight", "int4-weight"])
-@pytest.mark.parametrize("rows", [1, 5, 7, 40, 70])  # one tile, 6 + 1, widened per call from 32 (int4) or 64 (int8)
+# 1 row: one tile; 7: 6 + 1; 40 and 70: with 256-bit tiles, widened once per call (int4 from 32, int8 from 64)
+@pytest.mark.parametrize("rows", [1, 5, 7, 40, 70])
 def test_weight_only_linear_computes_with_the_dequantized_weights(method, rows):
     cpu_kernels.load()
     torch.manual_seed(rows)

@@ -18,7 +18,7 @@ of the default model, then lm_head; ``python -m benchmarks.quant_kernels`` print
 - So int8 and int4 weight-only are kernels of our own: quantized rows widened to fp32 in registers and
   multiplied with AVX2 (or AVX-512) FMAs, the activations untouched: in the same run, grouped, int8
   took 18 % of fp32's time at one row and 72 % at 32. Which path a call takes by its rows and dtype
-  (widened once per call from 32 or 64 rows, oneDNN's bf16 matmul for bf16 activations from 16) is
+  (on AVX2, widened once per call from 32 or 64 rows; oneDNN's bf16 matmul for bf16 activations from 16) is
   in ``kernels/weight_only_linear.cpp``, with what each measured.
 
 fbgemm needs its weights in a layout made for the machine (its packed matrix), while a graph's
