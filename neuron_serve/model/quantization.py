@@ -187,10 +187,10 @@ def bf16_copy_bytes(state: dict[str, torch.Tensor], spec: QuantSpec, dtype: torc
         return 0
     total = 0
     for layer in (name.removesuffix(".scale") for name in state if name.endswith(".scale")):
-        weight = state[f"{layer}.weight"]
-        if spec.for_layer(layer).method == "int8-weight":
+        method, weight = spec.for_layer(layer).method, state[f"{layer}.weight"]
+        if method == "int8-weight":
             total += 2 * weight.numel()
-        elif spec.for_layer(layer).method == "int4-weight":
+        elif method == "int4-weight":
             total += 4 * weight.numel()  # two codes per byte
     return total
 

@@ -191,20 +191,18 @@ SIMD void widen_int8_rows(const int8_t* w, const float* scale, int64_t rows, int
   }
 }
 
-// Rows of int4 codes widened in x's order: each run of `run` columns (16 or 32) evens first.
+// Rows of int4 codes widened in the 256-bit tiles' order of x: each run of 16 columns evens first.
 SIMD void widen_int4_rows(const uint8_t* w, const at::Half* scale, const at::Half* zero, int64_t rows, int64_t K,
-                          int64_t group, int64_t run, float* out) {
+                          int64_t group, float* out) {
   const int64_t groups = K / group;
   const __m256i low_nibble = _mm256_set1_epi32(15);
   for (int64_t n = 0; n < rows; ++n) {
     for (int64_t k = 0; k < K; k += 16) {
-      const int64_t start = k - k % run, half = k % run / 2;  // this piece's run, and its place in each half
       const __m256 s = _mm256_set1_ps(_cvtsh_ss(scale[n * groups + k / group].x));
       const __m256 z = _mm256_set1_ps(_cvtsh_ss(zero[n * groups + k / group].x));
       const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + (n * K + k) / 2)));
-      float* row = out + n * K + start + half;
-      _mm256_storeu_ps(row, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(bytes, low_nibble)), s, z));
-      _mm256_storeu_ps(row + run / 2, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4)), s, z));
+      _mm256_storeu_ps(out + n * K + k, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(bytes, low_nibble)), s, z));
+      _mm256_storeu_ps(out + n * K + k + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4)), s, z));
     }
   }
 }
@@ -256,8 +254,7 @@ struct Int4Weight {
   }
   void widen(int64_t first, int64_t last, float* out) const {
     const int64_t groups = K / group;
-    widen_int4_rows(w + first * K / 2, scale + first * groups, zero + first * groups, last - first, K, group,
-                    wide ? 32 : 16, out);
+    widen_int4_rows(w + first * K / 2, scale + first * groups, zero + first * groups, last - first, K, group, out);
   }
 };
 
